@@ -1,0 +1,201 @@
+"""`tagroutectl`: check, plan, diff, apply, status, reload, down.
+
+Owns argument parsing, exit codes and what the user reads. Imports lazily: `check` and `plan`
+load only the config and the pure core, `status` and `reload` only the control-socket client,
+so they start fast; only `diff`, `apply` and `down` import the kernel libraries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import Config
+
+EXIT_OK, EXIT_INVALID, EXIT_DRIFT, EXIT_NO_DAEMON = 0, 1, 2, 3
+DEFAULT_RUN_DIR = "/run/tagrouted"
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .config import DEFAULT_CONFIG_PATH
+
+    p = argparse.ArgumentParser(prog="tagroutectl", description="Drive and inspect tagrouted.")
+    p.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="config file (%(default)s)")
+    p.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help="run directory (%(default)s)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("check", help="validate the config (exit 0 valid, 1 invalid)")
+    sub.add_parser("plan", help="print this host's desired state as ip / iptables-save lines")
+    sub.add_parser("diff", help="desired vs the kernel now (exit 0 in sync, 2 drift)")
+    sub.add_parser("apply", help="converge once, without a daemon")
+    status = sub.add_parser("status", help="ask the daemon how it is (exit 3: no daemon)")
+    status.add_argument("--json", action="store_true", help="machine-readable")
+    sub.add_parser("reload", help="make the daemon re-read the config")
+    sub.add_parser("down", help="remove everything tagrouted owns, restore sysctls")
+    return p
+
+
+def _load(path: str) -> Config | None:
+    """The config, or None after printing every problem as FILE:LINE: key: what is wrong."""
+    from .config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_INVALID
+    print(f"{args.config}: valid (roles: {', '.join(config.roles)}; {len(config.services)} services)")
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .desired import assumed_facts, desired_state
+    from .plan import plan_lines
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_INVALID
+    facts = assumed_facts(config)
+    state = desired_state(config, facts)
+    print(f"# tagrouted plan for {args.config} (roles: {', '.join(config.roles)})")
+    print(f"# assuming these interfaces are present: {', '.join(link.name for link in facts.links)}")
+    for note in state.notes:
+        print(f"# note: {note}")
+    for line in plan_lines(state):
+        print(line)
+    return EXIT_OK
+
+
+def _legacy_notice() -> None:
+    from .iptables import iptables_command_is_nft
+
+    if iptables_command_is_nft():
+        print("note: this host's `iptables` is the nf_tables variant; tagrouted's rules live in "
+              "the legacy tables: see them with iptables-legacy-save / ip6tables-legacy-save",
+              file=sys.stderr)
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from .converge import Converger, drift_lines
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_INVALID
+    with Converger(args.run_dir) as converger:
+        lines = drift_lines(converger, config)
+    for line in lines:
+        print(line)
+    return EXIT_DRIFT if lines else EXIT_OK
+
+
+def _report(result: object) -> int:
+    from .converge import ConvergeResult
+
+    assert isinstance(result, ConvergeResult)
+    for change in result.changes:
+        print(change.message)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for error in result.errors:
+        print(f"error: {error}", file=sys.stderr)
+    if not result.changes and result.ok:
+        print("in sync: nothing to change")
+    return EXIT_OK if result.ok else EXIT_INVALID
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from .converge import Converger
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_INVALID
+    _legacy_notice()
+    os.makedirs(args.run_dir, mode=0o700, exist_ok=True)
+    with Converger(args.run_dir) as converger:
+        return _report(converger.converge(config))
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from .config import ConfigError, Tag, load_config
+    from .converge import Converger
+
+    try:
+        tag = load_config(args.config).tag
+    except (ConfigError, OSError):
+        tag = Tag()  # a broken or missing file must not keep `down` from cleaning up
+    os.makedirs(args.run_dir, mode=0o700, exist_ok=True)
+    with Converger(args.run_dir) as converger:
+        _report(converger.converge(None, tag))
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from .control import NoDaemon, request
+
+    try:
+        reply = request(args.run_dir, {"command": "status"})
+    except NoDaemon as e:
+        print(f"tagrouted is not running: {e}", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    if args.json:
+        print(json.dumps(reply["status"], indent=2, sort_keys=True))
+    else:
+        from .control import format_status
+
+        print(format_status(reply["status"]))
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from .control import NoDaemon, request
+
+    try:
+        reply = request(args.run_dir, {"command": "reload"}, timeout=60)
+    except NoDaemon as e:
+        print(f"tagrouted is not running: {e}", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    if reply.get("ok"):
+        for line in reply.get("changes", []):
+            print(line)
+        print("reloaded")
+        return EXIT_OK
+    for line in reply.get("errors", []):
+        print(line, file=sys.stderr)
+    print("reload rejected: the running state is kept", file=sys.stderr)
+    return EXIT_INVALID
+
+
+COMMANDS = {
+    "check": cmd_check,
+    "plan": cmd_plan,
+    "diff": cmd_diff,
+    "apply": cmd_apply,
+    "status": cmd_status,
+    "reload": cmd_reload,
+    "down": cmd_down,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

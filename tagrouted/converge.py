@@ -1,0 +1,224 @@
+"""One idempotent entry point: observe the kernel, compute the desired state, apply the minimal
+change. `converge(config)` with an equal kernel is a no-op; `converge(None)` is teardown.
+
+Owns the order of work, never the policy (desired.py) nor the kernel details (the adapters).
+Order: policy rules and routes are added before stale ones are removed (no gap for tagged
+replies), sysctls are set with their first original saved in the run directory, then each
+iptables table of each family is synced in one commit. A step that fails does not stop the
+others: the result carries every change that did happen and every error, joined.
+Threading: one Converger per process, used from one thread (the reconcile worker or the CLI).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import conntrack, iptables
+from .config import Config, Tag
+from .desired import desired_state, empty_state
+from .netlink import NetlinkAdapter
+from .plan import jump_line, route_key, route_line, rule_line
+from .state import TABLE_ORDER, Change, DesiredState, HostFacts, OwnedChain, Sysctl
+from .sysctl import SavedSysctls, read_sysctl, write_sysctl
+
+ROUTING = "routing"    # policy rules, routes, sysctls: what links coming and going change
+FIREWALL = "firewall"  # our iptables chains: what only config changes or tampering change
+ALL_PARTS = frozenset({ROUTING, FIREWALL})
+
+
+@dataclass
+class ConvergeResult:
+    desired: DesiredState
+    facts: HostFacts
+    changes: list[Change] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+class Converger:
+    """Owns the kernel adapters of one host (one netlink socket, the saved sysctls)."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.netlink = NetlinkAdapter()
+        self.saved = SavedSysctls(run_dir)
+
+    def close(self) -> None:
+        self.netlink.close()
+
+    def __enter__(self) -> Converger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- the entry point -----------------------------------------------------------------
+    def desired(self, config: Config | None, tag: Tag) -> tuple[DesiredState, HostFacts]:
+        facts = self.netlink.host_facts()
+        return (desired_state(config, facts) if config else empty_state(tag)), facts
+
+    def converge(self, config: Config | None, tag: Tag | None = None, *,
+                 dry_run: bool = False, parts: frozenset[str] = ALL_PARTS) -> ConvergeResult:
+        """Make the kernel hold exactly what `config` wants here (nothing, when None).
+
+        `parts` narrows the work to ROUTING and/or FIREWALL: a link event cannot change what our
+        chains should hold (they name interfaces, not indexes), so it needs no iptables pass."""
+        desired, facts = self.desired(config, tag or (config.tag if config else Tag()))
+        result = ConvergeResult(desired, facts, notes=list(desired.notes))
+        steps: list[tuple[str, str, Callable[[ConvergeResult, bool], None]]] = [
+            (ROUTING, "policy rules", self._rules),
+            (ROUTING, "routes", self._routes),
+            (ROUTING, "sysctls", self._sysctls),
+            (FIREWALL, "iptables", self._iptables),
+        ]
+        for part, name, step in steps:
+            if part not in parts:
+                continue
+            try:
+                step(result, dry_run)
+            except Exception as e:  # one failing step must not stop the others
+                result.errors.append(f"{name}: {type(e).__name__}: {e}")
+        return result
+
+    # ---- steps ---------------------------------------------------------------------------
+    def _rules(self, result: ConvergeResult, dry_run: bool) -> None:
+        desired = result.desired
+        kernel = self.netlink.read_rules(desired.table)
+        for rule in sorted(desired.rules - kernel):
+            if not dry_run:
+                self.netlink.add_rule(rule)
+            result.changes.append(_change("added", "rule", rule.describe(), rule.family))
+        for rule in sorted(kernel - desired.rules):
+            if not dry_run:
+                self.netlink.del_rule(rule)
+            result.changes.append(_change("removed", "rule", rule.describe(), rule.family))
+
+    def _routes(self, result: ConvergeResult, dry_run: bool) -> None:
+        desired = result.desired
+        kernel = self.netlink.read_routes(desired.table)
+        errors: list[str] = []
+        for route in sorted(desired.routes - kernel, key=route_key):
+            try:
+                if not dry_run:
+                    self.netlink.add_route(route)
+                result.changes.append(_change("added", "route", route.describe(), route.family))
+            except Exception as e:
+                errors.append(f"{route_line(route)}: {e}")
+        for route in sorted(kernel - desired.routes, key=route_key):
+            try:
+                if not dry_run:
+                    self.netlink.del_route(route)
+                result.changes.append(_change("removed", "route", route.describe(), route.family))
+            except Exception as e:
+                errors.append(f"delete {route.describe()}: {e}")
+        if errors:
+            raise RuntimeError("; ".join(errors))
+
+    def _sysctls(self, result: ConvergeResult, dry_run: bool) -> None:
+        wanted = {s.key: s.value for s in result.desired.sysctls}
+        for key, value in wanted.items():
+            current = read_sysctl(key)
+            if current is None or current == value:
+                continue
+            if not dry_run:
+                self.saved.remember(key, current)
+                write_sysctl(key, value)
+            result.changes.append(Change("set", "sysctl", f"set sysctl {key}={value} (was {current})"))
+        # What we changed and no longer want goes back to the value we found.
+        for key, original in sorted(self.saved.originals().items()):
+            if key in wanted:
+                continue
+            current = read_sysctl(key)
+            if current is not None and current != original:
+                if not dry_run:
+                    write_sysctl(key, original)
+                result.changes.append(
+                    Change("set", "sysctl", f"restored sysctl {key}={original} (was {current})"))
+            if not dry_run:
+                self.saved.forget(key)
+
+    def _iptables(self, result: ConvergeResult, dry_run: bool) -> None:
+        errors: list[str] = []
+        for family in (4, 6):
+            for table in TABLE_ORDER:
+                try:
+                    changes = iptables.sync_table(
+                        family, table, result.desired.chains_of(family, table), dry_run=dry_run)
+                except Exception as e:
+                    errors.append(f"{table} ({_fam(family)}): {e}")
+                    continue
+                result.changes += changes
+                if table == "nat" and changes and not dry_run:
+                    self._flush_stale_udp(result, family)
+        if errors:
+            raise RuntimeError("; ".join(errors))
+
+    def _flush_stale_udp(self, result: ConvergeResult, family: int) -> None:
+        """A UDP client sending since before our DNAT keeps its un-NATed conntrack entry."""
+        for ep in sorted(result.desired.udp_endpoints, key=lambda e: (e.address, e.first_port)):
+            if ep.family != family:
+                continue
+            n = conntrack.delete_udp_entries(ep)
+            if n:
+                last = "" if ep.first_port == ep.last_port else f"-{ep.last_port}"
+                result.notes.append(
+                    f"deleted {n} stale conntrack entries for udp {ep.address} port {ep.first_port}{last}")
+
+
+def _change(action: str, obj: str, what: str, family: int) -> Change:
+    """`added rule fwmark 0x2a lookup 42 pref 1042`; IPv6 objects say so."""
+    suffix = " (IPv6)" if family == 6 else ""
+    return Change(action, obj, f"{action} {obj} {what}{suffix}")  # type: ignore[arg-type]
+
+
+def _fam(family: int) -> str:
+    return "IPv4" if family == 4 else "IPv6"
+
+
+def drift_lines(converger: Converger, config: Config) -> list[str]:
+    """`tagroutectl diff`: +/- lines of what the kernel lacks (+) or has in excess (-)."""
+    desired, _ = converger.desired(config, config.tag)
+    lines: list[str] = []
+    kernel_rules = converger.netlink.read_rules(desired.table)
+    lines += [f"+{rule_line(r)}" for r in sorted(desired.rules - kernel_rules)]
+    lines += [f"-{rule_line(r)}" for r in sorted(kernel_rules - desired.rules)]
+    kernel_routes = converger.netlink.read_routes(desired.table)
+    lines += [f"+{route_line(r)}" for r in sorted(desired.routes - kernel_routes, key=route_key)]
+    lines += [f"-{route_line(r)}" for r in sorted(kernel_routes - desired.routes, key=route_key)]
+    for s in desired.sysctls:
+        current = read_sysctl(s.key)
+        if current is not None and current != s.value:
+            lines += [f"-sysctl -w {Sysctl(s.key, current).describe()}", f"+sysctl -w {s.describe()}"]
+    for family in (4, 6):
+        for table in TABLE_ORDER:
+            lines += _chain_drift_lines(family, table, desired.chains_of(family, table))
+    return lines
+
+
+def _chain_drift_lines(family: int, table: str, desired: tuple[OwnedChain, ...]) -> list[str]:
+    kernel = iptables.read_table(family, table)  # type: ignore[arg-type]
+    where = f"[{table} {_fam(family)}]"
+    lines: list[str] = []
+    wanted = {c.name for c in desired}
+    for chain in desired:
+        want = tuple(iptables.canonical(r, family) for r in chain.rules)  # type: ignore[arg-type]
+        have = kernel.chains.get(chain.name)
+        if have is None:
+            lines.append(f"+{where} :{chain.name} - [0:0]")
+            have = ()
+        if have != want:
+            lines += [f"-{where} -A {chain.name} {r.save_args()}" for r in have if r not in want]
+            lines += [f"+{where} -A {chain.name} {r.save_args()}" for r in want if r not in have]
+            if set(have) == set(want):
+                lines.append(f"~{where} rules of {chain.name} in the wrong order or duplicated")
+        if kernel.jumps.get(chain.builtin, ()) != (0,):
+            lines.append(f"+{where} {jump_line(chain)} (exactly once, first)")
+    for name, rules in sorted(kernel.chains.items()):
+        if name not in wanted:
+            lines += [f"-{where} -A {name} {r.save_args()}" for r in rules]
+            lines.append(f"-{where} :{name} - [0:0]")
+    return lines

@@ -1,0 +1,71 @@
+"""Renders states as the lines an administrator already reads: `ip rule`/`ip route` commands,
+`sysctl -w`, and per family an iptables-save block of our chains and their jumps.
+
+Pure and deterministic: the same state always prints the same text, in a fixed order.
+"""
+
+from __future__ import annotations
+
+from .state import (
+    JUMP_COMMENT,
+    TABLE_ORDER,
+    DesiredState,
+    OwnedChain,
+    PolicyRule,
+    Route,
+    Sysctl,
+)
+
+SAVE_COMMAND = {4: "iptables-legacy-save", 6: "ip6tables-legacy-save"}
+
+
+def route_key(r: Route) -> tuple[int, int, str, str, str, str, int]:
+    return (r.family, r.table, r.dst, r.kind, r.dev or "", r.gateway or "", r.metric or 0)
+
+
+def route_line(r: Route) -> str:
+    return f"ip -{r.family} route add {r.describe()}"
+
+
+def rule_line(r: PolicyRule) -> str:
+    return f"ip -{r.family} rule add {r.describe()}"
+
+
+def sysctl_line(s: Sysctl) -> str:
+    return f"sysctl -w {s.describe()}"
+
+
+def jump_line(chain: OwnedChain) -> str:
+    return f"-A {chain.builtin} -m comment --comment {JUMP_COMMENT} -j {chain.name}"
+
+
+def chain_lines(chain: OwnedChain) -> list[str]:
+    return [f"-A {chain.name} {rule.save_args()}" for rule in chain.rules]
+
+
+def iptables_blocks(state: DesiredState) -> list[str]:
+    lines: list[str] = []
+    for family in (4, 6):
+        if not any(c.family == family for c in state.chains):
+            continue
+        lines.append(f"# {SAVE_COMMAND[family]}")
+        for table in TABLE_ORDER:
+            chains = state.chains_of(family, table)
+            if not chains:
+                continue
+            lines.append(f"*{table}")
+            lines += [f":{c.name} - [0:0]" for c in chains]
+            lines += [jump_line(c) for c in chains]
+            for chain in chains:
+                lines += chain_lines(chain)
+            lines.append("COMMIT")
+    return lines
+
+
+def plan_lines(state: DesiredState) -> list[str]:
+    """The whole state, routing first, then sysctls, then the iptables-save blocks."""
+    lines = [rule_line(r) for r in sorted(state.rules)]
+    lines += [route_line(r) for r in sorted(state.routes, key=route_key)]
+    lines += [sysctl_line(s) for s in state.sysctls]
+    lines += iptables_blocks(state)
+    return lines
