@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from nslab import Netns, remove_all, sweep_run_prefix  # noqa: E402
+from nslab import Netns, remove_all, sweep_run_prefix
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent

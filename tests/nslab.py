@@ -8,6 +8,7 @@ so the test process itself never changes namespace, and no link ever leads to th
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import pickle
@@ -112,18 +113,14 @@ class Netns:
     def stop_processes(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
         for proc in self.procs:
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 proc.wait(timeout=5)
         self.procs.clear()
 
@@ -131,10 +128,8 @@ class Netns:
         self.stop_processes()
         # processes we did not start by Popen (e.g. daemonised openvpn) are found by namespace
         for pid in namespace_pids(self.name):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
 
 
@@ -175,10 +170,8 @@ def sweep_run_prefix() -> None:
         name = line.split()[0] if line.split() else ""
         if name.startswith(RUN_PREFIX + "-"):
             for pid in namespace_pids(name):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 

@@ -1,0 +1,163 @@
+"""`tagroutectl apply | diff | down` against the real kernel, in throw-away namespaces.
+
+What a user checks: apply on an empty host converges, diff says in sync right after, a second
+apply changes nothing, each kind of tamper shows in diff and is repaired by apply, and down
+leaves the namespace exactly as it found it.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from nslab import Netns, veth
+
+pytestmark = pytest.mark.kernel
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "etc" / "tagrouted" / "examples"
+CTL = [sys.executable, "-m", "tagrouted.cli"]
+
+SYSCTLS = [
+    "net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding", "net.ipv4.conf.all.rp_filter",
+    "net.ipv4.conf.tun0.rp_filter", "net.ipv6.conf.eth0.accept_ra",
+]
+
+
+def host(netns: type[Netns], name: str, *, tun: bool) -> Netns:
+    """A host with eth0 (a veth to a peer namespace of ours) and optionally tun0."""
+    ns = netns(name)
+    peer = netns(name + "-peer")
+    veth(ns, "eth0", peer, "eth1")
+    ns.run("ip addr add 192.168.100.2/24 dev eth0")
+    ns.run("ip addr add fd00:100::2/64 dev eth0 nodad")
+    if tun:
+        ns.run("ip tuntap add dev tun0 mode tun")
+        ns.run("ip link set tun0 up")
+    return ns
+
+
+def ctl(ns: Netns, config: Path, run_dir: Path, *args: str) -> tuple[int, str, str]:
+    res = ns.run([*CTL, "--config", str(config), "--run-dir", str(run_dir), *args], check=False)
+    return res.returncode, res.stdout, res.stderr
+
+
+def snapshot(ns: Netns) -> dict[str, str]:
+    """Everything a user would compare: rules, all routes, legacy tables (no counters), sysctls."""
+    def save(cmd: str) -> str:
+        text = ns.out(cmd)
+        text = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+        return re.sub(r"\[\d+:\d+\]", "[0:0]", text)
+
+    snap = {
+        "rules4": ns.out("ip -4 rule show"),
+        "rules6": ns.out("ip -6 rule show"),
+        "routes4": ns.out("ip -4 route show table all"),
+        "routes6": ns.out("ip -6 route show table all"),
+        "ipt4": save("iptables-legacy-save"),
+        "ipt6": save("ip6tables-legacy-save"),
+    }
+    for key in SYSCTLS:
+        snap[key] = ns.run(["sysctl", "-n", key], check=False).stdout.strip()
+    return snap
+
+
+@pytest.mark.parametrize(("example", "tun"), [
+    ("vpn-client.yaml", True), ("web-service.yaml", False), ("remote-server.yaml", False),
+    ("vpn-server.yaml", True), ("vps.yaml", True), ("home-router.yaml", True),
+])
+def test_apply_diff_apply_down_round_trip(netns: type[Netns], tmp_path: Path,
+                                          example: str, tun: bool) -> None:
+    config = EXAMPLES / example
+    ns = host(netns, "rt", tun=tun)
+    before = snapshot(ns)
+    code, out, err = ctl(ns, config, tmp_path, "diff")
+    assert code == 2 and out, "an empty host drifts from any config"
+
+    code, out, err = ctl(ns, config, tmp_path, "apply")
+    assert code == 0, err
+    assert "added" in out
+    applied = snapshot(ns)
+
+    code, out, err = ctl(ns, config, tmp_path, "diff")
+    assert (code, out) == (0, ""), out + err
+    code, out, err = ctl(ns, config, tmp_path, "apply")
+    assert code == 0 and out.strip() == "in sync: nothing to change", out + err
+    assert snapshot(ns) == applied, "a second apply must not rewrite anything"
+    for family in ("ipt4", "ipt6"):
+        for block in applied[family].split("*")[1:]:
+            ours = [x for x in block.splitlines() if x.startswith("-A") and "TAGROUTED" in x]
+            assert len(ours) == len(set(ours)), f"duplicate rules in {block}"
+
+    code, out, err = ctl(ns, config, tmp_path, "down")
+    assert code == 0, err
+    assert snapshot(ns) == before, "down must leave the namespace as it found it"
+
+
+TAMPERS = {
+    "rule deleted": ("ip -4 rule del pref 1042", "-ip -4 rule", "+ip -4 rule add fwmark 0x2a lookup 42 pref 1042"),
+    "route deleted": ("ip -4 route del default dev tun0 table 42", "",
+                      "+ip -4 route add default dev tun0 table 42 proto 142"),
+    "chain flushed": ("iptables-legacy -t mangle -F TAGROUTED-PREROUTING", "",
+                      "+[mangle IPv4] -A TAGROUTED-PREROUTING -i tun0 -j DSCP --set-dscp 0x2a"),
+    "jump deleted": ("iptables-legacy -t mangle -D PREROUTING -m comment --comment tagrouted "
+                     "-j TAGROUTED-PREROUTING", "", "+[mangle IPv4] -A PREROUTING"),
+    "foreign rule in our chain": ("iptables-legacy -t filter -I TAGROUTED-FORWARD 2 -j ACCEPT", "",
+                                  "-[filter IPv4] -A TAGROUTED-FORWARD -j ACCEPT"),
+    "sysctl reset": ("sysctl -w net.ipv4.conf.tun0.rp_filter=1", "",
+                     "+sysctl -w net.ipv4.conf.tun0.rp_filter=2"),
+    "table flushed and chains deleted": ("sh -c 'iptables-legacy -t mangle -F && iptables-legacy -t mangle -X'",
+                                         "", "+[mangle IPv4] :TAGROUTED-PREROUTING - [0:0]"),
+}
+
+
+@pytest.mark.parametrize("kind", list(TAMPERS))
+def test_tamper_shows_in_diff_and_apply_repairs(netns: type[Netns], tmp_path: Path, kind: str) -> None:
+    config = EXAMPLES / "vpn-client.yaml"
+    ns = host(netns, "tp", tun=True)
+    assert ctl(ns, config, tmp_path, "apply")[0] == 0
+    applied = snapshot(ns)
+    command, _, expected = TAMPERS[kind]
+    ns.run(command)
+    code, out, _ = ctl(ns, config, tmp_path, "diff")
+    assert code == 2
+    assert any(line.startswith(expected) for line in out.splitlines()), out
+    code, out, err = ctl(ns, config, tmp_path, "apply")
+    assert code == 0 and "in sync" not in out, out + err
+    assert ctl(ns, config, tmp_path, "diff")[:2] == (0, "")
+    assert snapshot(ns) == applied
+
+
+def test_down_restores_the_sysctls_it_changed(netns: type[Netns], tmp_path: Path) -> None:
+    ns = host(netns, "sy", tun=True)
+    ns.run("sysctl -w net.ipv4.conf.tun0.rp_filter=1")
+    ns.run("sysctl -w net.ipv4.ip_forward=0")
+    assert ctl(ns, EXAMPLES / "vpn-client.yaml", tmp_path, "apply")[0] == 0
+    assert ns.out("sysctl -n net.ipv4.ip_forward").strip() == "1"
+    assert ns.out("sysctl -n net.ipv4.conf.tun0.rp_filter").strip() in ("0", "2")
+    assert ctl(ns, EXAMPLES / "vpn-client.yaml", tmp_path, "down")[0] == 0
+    assert ns.out("sysctl -n net.ipv4.ip_forward").strip() == "0"
+    assert ns.out("sysctl -n net.ipv4.conf.tun0.rp_filter").strip() == "1"
+
+
+def test_apply_refuses_a_bad_file_and_changes_nothing(netns: type[Netns], tmp_path: Path) -> None:
+    ns = host(netns, "bad", tun=True)
+    before = snapshot(ns)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((EXAMPLES / "vpn-client.yaml").read_text() + "\nbogus_key: 1\n")
+    code, _out, err = ctl(ns, bad, tmp_path, "apply")
+    assert code == 1 and "bogus_key" in err
+    assert snapshot(ns) == before
+
+
+def test_tunnel_gone_leaves_the_unreachable_fallback(netns: type[Netns], tmp_path: Path) -> None:
+    ns = host(netns, "tg", tun=True)
+    config = EXAMPLES / "vpn-client.yaml"
+    assert ctl(ns, config, tmp_path, "apply")[0] == 0
+    ns.run("ip link del tun0")
+    assert ctl(ns, config, tmp_path, "apply")[0] == 0
+    table = ns.out("ip -4 route show table 42")
+    assert "unreachable default" in table and "tun0" not in table
+    assert ctl(ns, config, tmp_path, "diff")[:2] == (0, "")
