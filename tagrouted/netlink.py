@@ -6,8 +6,9 @@ other route or rule, never decides what should exist (that is desired.py); it re
 there as `state` values and adds/deletes exactly the values it is handed.
 
 Threading: one pyroute2 IPRoute socket per adapter, used from one thread (the reconcile
-worker). Link names are resolved with if_nametoindex/if_indextoname in the caller's network
-namespace, which is the namespace the socket was opened in (the daemon never changes it).
+worker); it is opened on first use, so constructing the adapter elsewhere is fine. Link
+names are resolved with if_nametoindex/if_indextoname in the caller's network namespace,
+which is the namespace the socket was opened in (the daemon never changes it).
 
 Normalisation (a route read back equals the `Route` that was added, so a diff is set
 arithmetic):
@@ -110,10 +111,20 @@ class NetlinkAdapter:
     """One pyroute2 IPRoute socket, used from one thread (the reconcile worker)."""
 
     def __init__(self) -> None:
-        self._ipr = IPRoute()
+        self._sock: IPRoute | None = None
+
+    @property
+    def _ipr(self) -> IPRoute:
+        # Opened on first use, so it belongs to the thread that uses it: pyroute2 0.9 keeps
+        # its event loop per thread and re-creates it on every call from any other thread.
+        if self._sock is None:
+            self._sock = IPRoute()
+        return self._sock
 
     def close(self) -> None:
-        self._ipr.close()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     def __enter__(self) -> NetlinkAdapter:
         return self
