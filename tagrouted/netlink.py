@@ -99,6 +99,10 @@ class NetlinkTransient(NetlinkFailed):
     """A refusal a retry may cure (EBUSY, EAGAIN, a link gone mid-add: ENODEV)."""
 
 
+class _LinkGone(Exception):
+    """The route names a link that is not there (the kernel dropped its routes with it)."""
+
+
 def _failure(what: str, e: NetlinkError | OSError, hints: dict[int, str] | None = None) -> NetlinkFailed:
     code = e.code if isinstance(e, NetlinkError) else (e.errno or 0)
     cls = NetlinkTransient if code in TRANSIENT_ERRNOS else NetlinkFailed
@@ -162,6 +166,7 @@ class NetlinkAdapter:
         return frozenset(out)
 
     def add_route(self, route: Route) -> None:
+        """Add `route`; an identical route already there is success."""
         try:
             self._ipr.route("add", **self._route_request(route, delete=False))
         except NetlinkError as e:
@@ -174,8 +179,11 @@ class NetlinkAdapter:
             raise _failure(f"add route {route.describe()}", e, ROUTE_HINTS) from e
 
     def del_route(self, route: Route) -> None:
+        """Delete exactly `route` (its protocol, metric, type and device); gone is success."""
         try:
             self._ipr.route("del", **self._route_request(route, delete=True))
+        except _LinkGone:
+            return  # its link went, and the kernel removed the route with it
         except NetlinkError as e:
             if e.code in GONE_ERRNOS:
                 return  # already gone
@@ -207,8 +215,7 @@ class NetlinkAdapter:
                 req["oif"] = socket.if_nametoindex(route.dev)
             except OSError as e:
                 if delete:
-                    raise NetlinkFailed(f"delete route {route.describe()}: no link {route.dev}",
-                                        errno.ENODEV) from e
+                    raise _LinkGone(route.dev) from e
                 raise NetlinkTransient(
                     f"add route {route.describe()}: link {route.dev} is not present",
                     errno.ENODEV) from e

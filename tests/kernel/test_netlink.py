@@ -208,6 +208,14 @@ def test_tunnel_gone_leaves_only_the_unreachable(netns: Callable[[str], Netns]) 
              == unreachable, what="table 42 to hold only the unreachable defaults")
     assert ns.out("ip -4 route show table 42") == "unreachable default proto 142 metric 4294967295 \n"
 
+    def delete_gone(nl: NetlinkAdapter) -> frozenset[Route]:
+        for route in OURS:
+            if route.table == T and route.dev == "tun0":
+                nl.del_route(route)  # its link is gone, so is the route: not an error
+        return nl.read_routes(T)
+
+    assert {r for r in in_ns(ns, delete_gone) if r.table == T} == unreachable
+
 
 RULES = frozenset({
     PolicyRule(4, 1042, 42, T),
