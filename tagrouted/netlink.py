@@ -94,6 +94,9 @@ class NetlinkFailed(Exception):
         super().__init__(message)
         self.errno = code
 
+    def __reduce__(self) -> tuple[type[NetlinkFailed], tuple[str, int]]:
+        return type(self), (str(self), self.errno)  # keeps errno across pickling
+
 
 class NetlinkTransient(NetlinkFailed):
     """A refusal a retry may cure (EBUSY, EAGAIN, a link gone mid-add: ENODEV)."""
