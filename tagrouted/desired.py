@@ -127,6 +127,13 @@ def _present(facts: HostFacts, name: str | None) -> LinkFacts | None:
     return facts.link(name) if name else None
 
 
+def _up(facts: HostFacts, name: str | None) -> bool:
+    """A route `dev X` needs X present AND up: the kernel refuses it on a down link (ENETDOWN),
+    and OpenVPN creates its tun before it sets it up."""
+    link = _present(facts, name)
+    return link is not None and link.up
+
+
 def _gateway(config: Config, facts: HostFacts, b: _Builder) -> None:
     gw = config.gateway
     assert gw is not None
@@ -164,7 +171,7 @@ def _gateway(config: Config, facts: HostFacts, b: _Builder) -> None:
         for net in home:
             # metric = priority: a route the VPN daemon installed itself (OpenVPN `route`) wins.
             if via_tunnel:
-                if _present(facts, via_tunnel):
+                if _up(facts, via_tunnel):
                     b.routes.add(Route(family, MAIN_TABLE, str(net), dev=via_tunnel,
                                        metric=config.tag.priority))
             else:
@@ -205,9 +212,8 @@ def _vpn_client(config: Config, facts: HostFacts, b: _Builder) -> None:
     vc = config.vpn_client
     assert vc is not None
     tag, tun, lan = config.tag, vc.tunnel_interface, vc.lan_interface
-    tun_present = _present(facts, tun) is not None
     for family in _service_families(config):
-        b.tagged_routing(family, Route(family, tag.table, "default", dev=tun) if tun_present else None)
+        b.tagged_routing(family, Route(family, tag.table, "default", dev=tun) if _up(facts, tun) else None)
         # Tagged replies never leak to the ISP while the tunnel is down.
         b.routes.add(Route(family, tag.table, "default", kind="unreachable", metric=UNREACHABLE_METRIC))
         b.fw(family, "mangle", "PREROUTING",
@@ -225,7 +231,7 @@ def _vpn_client(config: Config, facts: HostFacts, b: _Builder) -> None:
         b.fw(family, "filter", "FORWARD", ESTABLISHED, *accepts,
              FirewallRule(in_interface=tun, out_interface=lan, target="DROP"))
         b.forwarding(family, facts)
-    if tun_present and 4 in _service_families(config):
+    if _present(facts, tun) and 4 in _service_families(config):
         b.sysctls[f"net.ipv4.conf.{tun}.rp_filter"] = _rp_filter_value(
             vc.rp_filter, facts.rp_filter_all, b, tun)
 
@@ -237,8 +243,8 @@ def _service(config: Config, facts: HostFacts, b: _Builder) -> None:
     mark = f"{tag.mark:#x}"
     if sv.tunnel_interface:
         families = _service_families(config)
-        present = _present(facts, sv.tunnel_interface) is not None
-        routes = {f: Route(f, tag.table, "default", dev=sv.tunnel_interface) if present else None
+        up = _up(facts, sv.tunnel_interface)
+        routes = {f: Route(f, tag.table, "default", dev=sv.tunnel_interface) if up else None
                   for f in families}
     else:
         families = _families_of(sv.via)

@@ -82,10 +82,6 @@ class Sysctl:
     key: str
     value: str
 
-    @property
-    def proc_path(self) -> str:
-        return "/proc/sys/" + self.key.replace(".", "/")
-
     def describe(self) -> str:
         return f"{self.key}={self.value}"
 

@@ -200,6 +200,9 @@ def test_tunnel_down_keeps_only_the_unreachable_fallback() -> None:
     assert state.routes == frozenset(
         {Route(4, 42, "default", kind="unreachable", metric=UNREACHABLE_METRIC)})
     assert not any("tun0" in s.key for s in state.sysctls)
+    down = HostFacts(links=(LinkFacts("eth0", 1), LinkFacts("tun0", 2, up=False)))
+    assert not any(r.dev == "tun0" for r in desired_state(config, down).routes), \
+        "the kernel refuses a route on a down link"
     assert state.chains == desired_state(config, facts("eth0", "tun0")).chains, \
         "chains name interfaces, not indexes: the tunnel's presence never changes them"
 
