@@ -7,9 +7,14 @@ no kernel state, imports no edge library. Nothing downstream ever sees a half-va
 
 from __future__ import annotations
 
+import math
+import os
+import re
+import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Literal
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from typing import Any, Literal
 
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
@@ -136,3 +141,964 @@ class ConfigError(Exception):
 
 
 # The loader (load_config / parse_config) follows below.
+#
+# Design of the loader, and the traps it avoids:
+# - It walks YAML *events* (yaml.parse machinery) into its own small node tree instead of
+#   yaml.compose: the pure-Python composer recurses per nesting level (RecursionError, not a
+#   YAMLError, at ~1000 levels), and a composed tree of a hostile file is built in full before
+#   any limit could be checked. Events let us stop at depth 32 / 100000 nodes (aliases counted
+#   expanded, so a billion-laughs file stops early) with the offending line.
+# - Every node keeps its 1-based line, so each problem names FILE:LINE: key.path.
+# - YAML 1.1 quirks: bare `off` is false (accepted for rp_filter), bool is never an int, some
+#   IPv6 addresses read as base-60 integers (the message says to quote them).
+# - Tabs and characters YAML forbids are found by a pre-scan, so the libyaml and the pure-Python
+#   parsers (which disagree there, in acceptance and in lines) report them identically.
+
+MAX_FILE_BYTES = 1 << 20
+MAX_DEPTH = 32
+MAX_NODES = 100_000
+MAX_PROBLEMS = 200  # listed per file; a hostile file must not flood the journal
+IFNAMSIZ = 16  # the kernel's limit includes the trailing NUL: names are 1..15 bytes
+
+# The kernel's own rules sit at 0 (local) and 32766/32767 (main, default).
+PRIORITY_MAX = 32765
+RESERVED_TABLES = {0: "unspec", 253: "default", 254: "main", 255: "local"}
+MAX_INTERVAL = 3600.0
+
+_Y = "tag:yaml.org,2002:"
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+_PORT_RE = re.compile(r"(\d{1,6})(?:-(\d{1,6}))?")
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Where a comment starts: a '#' at the start of a line or after white space.
+_COMMENT = re.compile(r"(?:^|[ \t])#")
+
+# Test hook: False forces the pure-Python parser (the tests run the broken corpus with both).
+USE_LIBYAML = True
+
+
+def load_config(path: str) -> Config:
+    """Read and validate the config file at `path`; ConfigError lists every problem in it.
+
+    Refuses what is not a regular file (a directory, /dev/zero behind a symlink, a FIFO) and
+    files over 1 MiB without reading them."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; harmless on a regular file.
+        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise ConfigError([ConfigProblem(path, 1, "file", f"cannot open: {e.strerror}")]) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError([ConfigProblem(path, 1, "file",
+                                             f"not a regular file ({_file_kind(st.st_mode)})")])
+        if st.st_size > MAX_FILE_BYTES:
+            raise ConfigError([_too_large(path)])
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_FILE_BYTES:  # bounded even if the file grows while we read
+            chunk = os.read(fd, MAX_FILE_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as e:
+        raise ConfigError([ConfigProblem(path, 1, "file", f"cannot read: {e.strerror}")]) from None
+    finally:
+        os.close(fd)
+    return parse_config(b"".join(chunks), path)
+
+
+def parse_config(text: str | bytes, filename: str) -> Config:
+    """Validate YAML text (bytes must be UTF-8) as a tagrouted config named `filename`."""
+    if len(text) > MAX_FILE_BYTES:
+        raise ConfigError([_too_large(filename)])
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = text.count(b"\n", 0, e.start) + 1
+            raise ConfigError([ConfigProblem(
+                filename, line, "yaml", f"not UTF-8 (byte {text[e.start]:#04x} at offset {e.start})",
+            )]) from None
+    text = text.removeprefix("\ufeff")
+    problems = _prescan(text, filename)
+    if problems:
+        raise ConfigError(_capped(problems))
+    root, problems = _compose(text, filename)
+    if problems:
+        raise ConfigError(problems)
+    checker = _Checker(filename)
+    config = checker.check(root)
+    if checker.problems or config is None:
+        raise ConfigError(_capped(sorted(checker.problems, key=lambda p: p.line)))
+    return config
+
+
+def _capped(problems: list[ConfigProblem]) -> list[ConfigProblem]:
+    if len(problems) <= MAX_PROBLEMS:
+        return problems
+    first_unlisted = problems[MAX_PROBLEMS]
+    return [*problems[:MAX_PROBLEMS], ConfigProblem(
+        first_unlisted.file, first_unlisted.line, "file",
+        f"more problems from here on, not listed (only the first {MAX_PROBLEMS} are)")]
+
+
+def _too_large(filename: str) -> ConfigProblem:
+    return ConfigProblem(filename, 1, "file", f"larger than {MAX_FILE_BYTES} bytes: refused")
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a plain file"
+
+
+def _prescan(text: str, filename: str) -> list[ConfigProblem]:
+    # Characters YAML forbids in a stream: PyYAML's own pattern, compiled once when yaml loads
+    # (compiling that Unicode class costs ~8 ms, more than parsing a config).
+    from yaml.reader import Reader
+
+    problems = []
+    m = Reader.NON_PRINTABLE.search(text)
+    if m:
+        line = text.count("\n", 0, m.start()) + 1
+        problems.append(ConfigProblem(filename, line, "yaml",
+                                      f"character U+{ord(m.group()):04X} is not allowed in YAML"))
+    if "\t" in text:
+        # YAML forbids tabs in indentation (even before a comment, even on a blank line), and
+        # libyaml and PyYAML disagree about tabs elsewhere (`key:<TAB>value`, `[1,<TAB>2]`); no
+        # valid value of ours holds a tab, so refuse every tab that is not inside a comment.
+        for number, line in enumerate(text.splitlines(), 1):
+            comment = _COMMENT.search(line)
+            code = line[:comment.end() - 1] if comment else line  # up to the '#'
+            if "\t" in code:
+                indent = code[:len(code) - len(code.lstrip(" \t"))]
+                what = "in indentation" if "\t" in indent else "outside a comment"
+                problems.append(ConfigProblem(filename, number, "yaml",
+                                              f"tab {what}: YAML indents with spaces only; use spaces"))
+                if len(problems) > MAX_PROBLEMS:
+                    break  # enough to see the pattern; _capped() says more follow
+    return problems
+
+
+# --- YAML events -> nodes -------------------------------------------------------------------
+
+
+class _Other:
+    """A scalar of a type the config never takes (timestamp, binary, custom tag...)."""
+
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+
+_MERGE = _Other("merge key")
+
+
+class _Node:
+    """A YAML node with its line. `value`: the Python scalar, a list of nodes, or key/value pairs."""
+
+    __slots__ = ("count", "height", "kind", "line", "value")
+
+    def __init__(self, kind: str, value: Any, line: int) -> None:
+        self.kind = kind  # "scalar" | "list" | "mapping"
+        self.value = value
+        self.line = line
+        self.count = 1  # nodes below and including this one, aliases expanded
+        self.height = 0  # collection levels below and including this one
+
+
+def _loader_class() -> Any:
+    import yaml
+
+    if USE_LIBYAML and getattr(yaml, "__with_libyaml__", False):
+        return yaml.CSafeLoader
+    return yaml.SafeLoader
+
+
+def _compose(text: str, filename: str) -> tuple[_Node | None, list[ConfigProblem]]:
+    """The document's node tree, or the one problem that stopped reading it."""
+    import yaml
+    from yaml import events as ev
+
+    loader = _loader_class()(text)
+    root: _Node | None = None
+    stack: list[tuple[_Node, list[Any]]] = []  # open collections, with a pending mapping key
+    anchors: dict[str, _Node] = {}
+    total = 0
+    documents = 0
+
+    def stop(line: int, message: str) -> tuple[None, list[ConfigProblem]]:
+        return None, [ConfigProblem(filename, line, "yaml", message)]
+
+    def attach(node: _Node) -> None:
+        nonlocal root
+        if not stack:
+            root = node
+            return
+        parent, pending = stack[-1]
+        if parent.kind == "list":
+            parent.value.append(node)
+        elif pending:
+            parent.value.append((pending.pop(), node))
+        else:
+            pending.append(node)
+
+    try:
+        while True:
+            event = loader.get_event()
+            line = event.start_mark.line + 1 if event.start_mark else 1
+            if isinstance(event, ev.StreamEndEvent):
+                break
+            if isinstance(event, ev.DocumentStartEvent):
+                documents += 1
+                if documents > 1:
+                    return stop(line, "a second YAML document: the config is one document")
+            elif isinstance(event, ev.ScalarEvent):
+                total += 1
+                node = _Node("scalar", _scalar(loader, event), line)
+                if event.anchor:
+                    anchors[event.anchor] = node
+                attach(node)
+            elif isinstance(event, ev.AliasEvent):
+                target = anchors.get(event.anchor)
+                if target is None:
+                    return stop(line, f"alias *{event.anchor} has no anchor &{event.anchor} before it")
+                if any(target is open_node for open_node, _ in stack):
+                    return stop(line, f"alias *{event.anchor} refers to a collection that contains it")
+                total += target.count
+                if len(stack) + target.height > MAX_DEPTH:
+                    return stop(line, f"nested deeper than {MAX_DEPTH} levels (through alias "
+                                      f"*{event.anchor})")
+                attach(target)
+            elif isinstance(event, ev.SequenceStartEvent | ev.MappingStartEvent):
+                total += 1
+                if len(stack) >= MAX_DEPTH:
+                    return stop(line, f"nested deeper than {MAX_DEPTH} levels")
+                kind = "list" if isinstance(event, ev.SequenceStartEvent) else "mapping"
+                node = _Node(kind, [], line)
+                if event.anchor:
+                    anchors[event.anchor] = node
+                stack.append((node, []))
+            elif isinstance(event, ev.SequenceEndEvent | ev.MappingEndEvent):
+                node, _ = stack.pop()
+                children = node.value if node.kind == "list" else [n for kv in node.value for n in kv]
+                node.count = 1 + sum(c.count for c in children)
+                node.height = 1 + max((c.height for c in children), default=0)
+                attach(node)
+            if total > MAX_NODES:
+                return stop(line, f"more than {MAX_NODES} nodes (aliases counted expanded)")
+    except yaml.YAMLError as e:
+        return None, [_syntax_problem(e, filename)]
+    finally:
+        loader.dispose()
+    if root is None or (root.kind == "scalar" and root.value is None):
+        return stop(1, "the file is empty: expected a mapping with at least `roles`")
+    if root.kind != "mapping":
+        return stop(root.line, f"the top level must be a mapping (roles: ..., services: ...), "
+                               f"not {_type_name(root)}")
+    return root, []
+
+
+def _scalar(loader: Any, event: Any) -> Any:
+    import yaml
+
+    tag = event.tag
+    if tag is None or tag == "!":
+        tag = loader.resolve(yaml.ScalarNode, event.value, event.implicit)
+    if tag == _Y + "str":
+        return event.value
+    if tag == _Y + "null":
+        return None
+    if tag == _Y + "merge":
+        return _MERGE
+    construct = {_Y + "int": loader.construct_yaml_int, _Y + "bool": loader.construct_yaml_bool,
+                 _Y + "float": loader.construct_yaml_float}.get(tag)
+    if construct is None:
+        return _Other(tag.removeprefix(_Y))
+    try:
+        return construct(yaml.ScalarNode(tag, event.value))
+    except Exception:  # a malformed explicitly tagged scalar, e.g. !!int abc
+        return _Other(f"malformed {tag.removeprefix(_Y)}")
+
+
+def _syntax_problem(e: Exception, filename: str) -> ConfigProblem:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    line = mark.line + 1 if mark is not None else 1
+    problem = getattr(e, "problem", None) or str(e)
+    context = getattr(e, "context", None)
+    context_mark = getattr(e, "context_mark", None)
+    if context and context_mark is not None and context_mark.line + 1 != line:
+        context = f"{context} (started at line {context_mark.line + 1})"
+    message = f"{context}: {problem}" if context else problem
+    return ConfigProblem(filename, line, "yaml", f"syntax error: {message}")
+
+
+def _type_name(node: _Node) -> str:
+    if node.kind == "list":
+        return "a list"
+    if node.kind == "mapping":
+        return "a mapping"
+    v = node.value
+    if v is None:
+        return "null (nothing)"
+    if isinstance(v, bool):
+        return f"a boolean ({str(v).lower()})"
+    if isinstance(v, int):
+        return f"an integer ({v})"
+    if isinstance(v, float):
+        return f"a number ({v})"
+    if isinstance(v, str):
+        return f"a string ({v!r})"
+    return f"a {v.kind}"
+
+
+# --- validation ----------------------------------------------------------------------------
+
+_TOP_KEYS = {"roles": True, "tag": False, "services": False, "gateway": False, "vpn_server": False,
+             "vpn_client": False, "service": False, "on_stop": False, "resync_interval": False}
+_TAG_KEYS = {"dscp": False, "mark": False, "table": False, "priority": False}
+_SERVICE_KEYS = {"name": True, "proto": True, "port": True, "address": True, "to_port": False}
+_GATEWAY_KEYS = {"public_interface": True, "public_addresses": True, "home_networks": True,
+                 "via": False, "forwards": False}
+_VPN_SERVER_KEYS = {"tunnel_interface": True, "uplink_interface": True, "families": False}
+_VPN_CLIENT_KEYS = {"tunnel_interface": True, "lan_interface": True, "rp_filter": False}
+_SERVICE_SECTION_KEYS = {"via": False, "tunnel_interface": False}
+_ROLE_SECTIONS = {"gateway": "gateway", "vpn-server": "vpn_server", "vpn-client": "vpn_client",
+                  "service": "service"}
+
+_Entry = tuple[_Node, _Node]  # (key node, value node)
+
+
+# Plain classes, not dataclasses: each dataclass costs ~1.5 ms of import time (generated code).
+class _Parsed:
+    """A valid service or forward, with the nodes cross-checks point at."""
+
+    __slots__ = ("address", "name", "path", "port", "service")
+
+    def __init__(self, service: Service, path: str, name: _Node, port: _Node, address: _Node) -> None:
+        self.service, self.path, self.name, self.port, self.address = service, path, name, port, address
+
+
+class _Addr:
+    __slots__ = ("address", "node", "path")
+
+    def __init__(self, address: IPAddress, node: _Node, path: str) -> None:
+        self.address, self.node, self.path = address, node, path
+
+
+class _Net:
+    __slots__ = ("network", "node", "path")
+
+    def __init__(self, network: IPNetwork, node: _Node, path: str) -> None:
+        self.network, self.node, self.path = network, node, path
+
+
+def _family(address: IPAddress | IPNetwork) -> Family:
+    return 4 if address.version == 4 else 6
+
+
+def _index(path: str, i: int) -> str:
+    return f"{path}[{i}]"
+
+
+def _key(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+class _Checker:
+    """Walks the node tree once, collecting every problem; builds the Config only if none."""
+
+    def __init__(self, filename: str) -> None:
+        self.file = filename
+        self.problems: list[ConfigProblem] = []
+
+    def bad(self, node: _Node, path: str, message: str) -> None:
+        self.problems.append(ConfigProblem(self.file, node.line, path, message))
+
+    # -- generic shapes --
+
+    def mapping(self, node: _Node, path: str, spec: dict[str, bool]) -> dict[str, _Entry] | None:
+        """The mapping's entries by key, after reporting unknown, duplicate and missing keys."""
+        if node.kind != "mapping":
+            self.bad(node, path, f"expected a mapping, got {_type_name(node)}")
+            return None
+        entries: dict[str, _Entry] = {}
+        for knode, vnode in self.pairs(node, path):
+            key = knode.value
+            if knode.kind != "scalar" or not isinstance(key, str):
+                label = str(key) if isinstance(key, int | float) else "?"
+                self.bad(knode, _key(path, label), f"keys must be strings, got {_type_name(knode)}")
+                continue
+            where = _key(path, key)
+            if key not in spec:
+                self.bad(knode, where, f"unknown key{_suggest(key, spec)}; known here: {', '.join(spec)}")
+            elif key in entries:
+                self.bad(knode, where, f"duplicate key (first at line {entries[key][0].line})")
+            else:
+                entries[key] = (knode, vnode)
+        for key, required in spec.items():
+            if required and key not in entries:
+                self.bad(node, _key(path, key), "required key missing")
+        return entries
+
+    def pairs(self, node: _Node, path: str) -> list[_Entry]:
+        """Key/value pairs with YAML merge keys (<<: *anchor) folded in; explicit keys win."""
+        explicit = [(k, v) for k, v in node.value if k.value is not _MERGE]
+        merged: list[_Entry] = []
+        for knode, vnode in node.value:
+            if knode.value is not _MERGE:
+                continue
+            sources = vnode.value if vnode.kind == "list" else [vnode]
+            for source in sources:
+                if source.kind != "mapping":
+                    self.bad(source, _key(path, "<<"), f"a merge takes mappings, got {_type_name(source)}")
+                    continue
+                merged += self.pairs(source, path)
+        seen = {k.value for k, _ in explicit if k.kind == "scalar"}
+        for knode, vnode in merged:
+            if knode.kind == "scalar":
+                if knode.value in seen:
+                    continue  # the explicit key, or an earlier merge source, wins
+                seen.add(knode.value)
+            explicit.append((knode, vnode))
+        return explicit
+
+    def items(self, node: _Node, path: str, what: str, nonempty: bool = True) -> list[_Node] | None:
+        if node.kind != "list":
+            self.bad(node, path, f"expected a list of {what}, got {_type_name(node)}")
+            return None
+        if nonempty and not node.value:
+            self.bad(node, path, f"must list at least one of {what}")
+            return None
+        return list(node.value)
+
+    def string(self, node: _Node, path: str, what: str = "a string") -> str | None:
+        if node.kind == "scalar" and isinstance(node.value, str):
+            return node.value
+        self.bad(node, path, f"expected {what}, got {_type_name(node)}")
+        return None
+
+    def integer(self, node: _Node, path: str, low: int, high: int, why: str = "") -> int | None:
+        v = node.value
+        if node.kind != "scalar" or isinstance(v, bool) or not isinstance(v, int):
+            self.bad(node, path, f"expected an integer, got {_type_name(node)}")
+            return None
+        if not low <= v <= high:
+            self.bad(node, path, f"{v} is out of range {low}..{high}{why}")
+            return None
+        return v
+
+    def choice(self, node: _Node, path: str, choices: tuple[str, ...]) -> str | None:
+        v = self.string(node, path, " or ".join(choices))
+        if v is not None and v not in choices:
+            self.bad(node, path, f"{v!r} is not one of: {', '.join(choices)}")
+            return None
+        return v
+
+    def interface(self, node: _Node, path: str) -> str | None:
+        name = self.string(node, path, "an interface name")
+        if name is None:
+            return None
+        why = None
+        if not name:
+            why = "is empty"
+        elif len(name.encode()) >= IFNAMSIZ:
+            why = f"is longer than {IFNAMSIZ - 1} bytes"
+        elif name in (".", ".."):
+            why = "is . or .."
+        elif "/" in name or ":" in name:
+            why = f"contains {'/' if '/' in name else ':'!r}"
+        elif any(c.isspace() or c == "\0" for c in name):
+            why = "contains whitespace"
+        if why:
+            self.bad(node, path, f"interface name {name!r} {why}: the kernel refuses it")
+            return None
+        return name
+
+    def address(self, node: _Node, path: str) -> IPAddress | None:
+        if node.kind == "scalar" and isinstance(node.value, int) and not isinstance(node.value, bool):
+            self.bad(node, path, f"expected an IP address, got {_type_name(node)}: quote it (YAML 1.1 "
+                                 "reads some IPv6 addresses as base-60 numbers)")
+            return None
+        text = self.string(node, path, "an IP address")
+        if text is None:
+            return None
+        if "/" in text:
+            self.bad(node, path, f"{text} is a network: expected a host address (no /prefix)")
+            return None
+        if "%" in text:
+            self.bad(node, path, f"{text}: zone indexes (%...) are not supported")
+            return None
+        try:
+            address = ip_address(text)
+        except ValueError:
+            self.bad(node, path, f"{text!r} is not an IPv4 or IPv6 address")
+            return None
+        why = ("unspecified" if address.is_unspecified else "multicast" if address.is_multicast
+               else "loopback" if address.is_loopback
+               else "broadcast" if address == IPv4Address("255.255.255.255") else None)
+        if why:
+            self.bad(node, path, f"{text} is a {why} address, not a host address")
+            return None
+        return address
+
+    def network(self, node: _Node, path: str) -> IPNetwork | None:
+        text = self.string(node, path, "a network prefix (e.g. 192.168.100.0/24)")
+        if text is None:
+            return None
+        if "/" not in text:
+            self.bad(node, path, f"{text} has no /prefix length: expected a network like 192.168.100.0/24")
+            return None
+        try:
+            network = ip_network(text, strict=True)
+        except ValueError:
+            try:
+                loose = ip_network(text, strict=False)
+            except ValueError:
+                self.bad(node, path, f"{text!r} is not an IPv4 or IPv6 network prefix")
+            else:
+                self.bad(node, path, f"{text} has host bits set (the network is {loose})")
+            return None
+        if network.prefixlen == 0:
+            self.bad(node, path, f"{text} is everything: a home network must be a real prefix")
+            return None
+        return network
+
+    def addresses(self, node: _Node, path: str, what: str, nonempty: bool,
+                  one_per_family: bool = False) -> list[_Addr] | None:
+        nodes = self.items(node, path, what, nonempty)
+        if nodes is None:
+            return None
+        out: list[_Addr] = []
+        ok = True
+        for i, item in enumerate(nodes):
+            where = _index(path, i)
+            address = self.address(item, where)
+            if address is None:
+                ok = False
+                continue
+            first = next((a for a in out if a.address == address), None)
+            same_family = next((a for a in out if _family(a.address) == _family(address)), None)
+            if first:
+                self.bad(item, where, f"{address} is listed twice (first at line {first.node.line})")
+                ok = False
+            elif one_per_family and same_family:
+                self.bad(item, where, f"a second IPv{_family(address)} address: one address per family "
+                                      f"(first at line {same_family.node.line})")
+                ok = False
+            else:
+                out.append(_Addr(address, item, where))
+        return out if ok else None
+
+    # -- the sections --
+
+    def check(self, root: _Node) -> Config | None:
+        top = self.mapping(root, "", _TOP_KEYS)
+        if top is None:
+            return None
+
+        def given(key: str) -> _Node | None:
+            return top[key][1] if key in top else None
+
+        def given_collection(key: str) -> _Node | None:
+            """An optional list or mapping; `key:` with nothing after it means not given."""
+            node = given(key)
+            return None if node is None or (node.kind == "scalar" and node.value is None) else node
+
+        roles = self.roles(n) if (n := given("roles")) else None
+        tag = self.tag(n) if (n := given_collection("tag")) else Tag()
+        services = self.service_list(n, "services") if (n := given_collection("services")) else []
+        gateway = self.gateway(n) if (n := given("gateway")) else None
+        vpn_server = self.vpn_server(n) if (n := given("vpn_server")) else None
+        vpn_client = self.vpn_client(n) if (n := given("vpn_client")) else None
+        service = self.service_section(n) if (n := given("service")) else None
+        on_stop = self.choice(n, "on_stop", ("keep", "remove")) if (n := given("on_stop")) else "keep"
+        interval = self.interval(n) if (n := given("resync_interval")) else 2.0
+
+        if roles is not None:
+            self.check_sections(top, roles)
+            role_names = tuple(r for r, _ in roles)
+            if services is not None and gateway is not None:
+                self.check_gateway(gateway[1], services, gateway[0], role_names)
+            if services is not None and service is not None:
+                self.check_service(service[1], services, vpn_client, role_names)
+        if services is not None:
+            self.check_names([*services, *(gateway[1]["forwards"] if gateway else [])])
+        if vpn_client and vpn_client[0].tunnel_interface == vpn_client[0].lan_interface:
+            self.bad(vpn_client[1]["lan"], "vpn_client.lan_interface", "must differ from tunnel_interface")
+        if vpn_server and vpn_server[0].tunnel_interface == vpn_server[0].uplink_interface:
+            self.bad(vpn_server[1]["uplink"], "vpn_server.uplink_interface",
+                     "must differ from tunnel_interface")
+
+        if (self.problems or roles is None or tag is None or services is None
+                or on_stop not in ("keep", "remove") or interval is None):
+            return None
+        return Config(
+            path=self.file,
+            roles=tuple(r for r, _ in roles),
+            tag=tag,
+            services=tuple(p.service for p in services),
+            gateway=gateway[0] if gateway else None,
+            vpn_server=vpn_server[0] if vpn_server else None,
+            vpn_client=vpn_client[0] if vpn_client else None,
+            service=service[0] if service else None,
+            on_stop=on_stop,  # type: ignore[arg-type]  # one of the two, checked above
+            resync_interval=interval,
+        )
+
+    def roles(self, node: _Node) -> list[tuple[str, _Node]] | None:
+        nodes = self.items(node, "roles", "roles (gateway, vpn-server, vpn-client, service)")
+        if nodes is None:
+            return None
+        roles: list[tuple[str, _Node]] = []
+        ok = True
+        for i, item in enumerate(nodes):
+            where = _index("roles", i)
+            role = self.string(item, where, "a role name")
+            if role is None:
+                ok = False
+            elif role not in ROLES:
+                self.bad(item, where, f"unknown role {role!r}{_suggest(role, ROLES)}; "
+                                      f"known: {', '.join(ROLES)}")
+                ok = False
+            elif any(role == r for r, _ in roles):
+                self.bad(item, where, f"role {role} is listed twice")
+                ok = False
+            else:
+                roles.append((role, item))
+        return roles if ok else None
+
+    def tag(self, node: _Node) -> Tag | None:
+        entries = self.mapping(node, "tag", _TAG_KEYS)
+        if entries is None:
+            return None
+        limits = {
+            "dscp": (1, 63, " (6 bits; 0 is untagged traffic)"),
+            "mark": (1, 0xFFFFFFFF, " (0 means unmarked)"),
+            "table": (1, 0xFFFFFFFF, ""),
+            "priority": (1, PRIORITY_MAX, " (0, 32766 and 32767 are the kernel's own rules)"),
+        }
+        values: dict[str, int] = {}
+        ok = True
+        for key, (_, vnode) in entries.items():
+            low, high, why = limits[key]
+            value = self.integer(vnode, f"tag.{key}", low, high, why)
+            if value is not None and key == "table" and value in RESERVED_TABLES:
+                self.bad(vnode, "tag.table", f"table {value} is the kernel's {RESERVED_TABLES[value]} "
+                                             "table: pick another (e.g. 42)")
+                value = None
+            if value is None:
+                ok = False
+            else:
+                values[key] = value
+        return Tag(**values) if ok else None
+
+    def service_list(self, node: _Node, path: str) -> list[_Parsed] | None:
+        if node.kind == "scalar" and node.value is None:
+            return []  # `services:` with every entry commented out
+        nodes = self.items(node, path, "services", nonempty=False)
+        if nodes is None:
+            return None
+        # The valid entries, so cross-checks still see them; an invalid one has its problem
+        # recorded already, which keeps the Config from being built.
+        parsed = [self.one_service(item, _index(path, i)) for i, item in enumerate(nodes)]
+        return [p for p in parsed if p is not None]
+
+    def one_service(self, node: _Node, path: str) -> _Parsed | None:
+        entries = self.mapping(node, path, _SERVICE_KEYS)
+        if entries is None:
+            return None
+        name = proto = port = address = None
+        to_port: int | None = None
+        ok = True
+        if "name" in entries:
+            vnode = entries["name"][1]
+            name = self.string(vnode, _key(path, "name"), "a name")
+            if name is not None and not _NAME_RE.fullmatch(name):
+                self.bad(vnode, _key(path, "name"), f"{name!r}: a name is letters, digits, '_', '.' or '-'")
+                name = None
+        if "proto" in entries:
+            proto = self.choice(entries["proto"][1], _key(path, "proto"), ("tcp", "udp"))
+        if "port" in entries:
+            port = self.port_range(entries["port"][1], _key(path, "port"))
+        if "address" in entries:
+            address = self.address(entries["address"][1], _key(path, "address"))
+        if "to_port" in entries:
+            vnode = entries["to_port"][1]
+            to_port = self.integer(vnode, _key(path, "to_port"), 1, 65535)
+            if to_port is None:
+                ok = False
+            elif port is not None and port.first != port.last:
+                self.bad(vnode, _key(path, "to_port"),
+                         f"only allowed with a single port, not the range {port}")
+                ok = False
+        if not ok or name is None or proto is None or port is None or address is None:
+            return None
+        service = Service(name, proto, port, address, to_port)  # type: ignore[arg-type]
+        return _Parsed(service, path, entries["name"][1], entries["port"][1], entries["address"][1])
+
+    def port_range(self, node: _Node, path: str) -> PortRange | None:
+        v = node.value
+        if node.kind == "scalar" and isinstance(v, int) and not isinstance(v, bool):
+            first = last = v
+        elif node.kind == "scalar" and isinstance(v, str) and _PORT_RE.fullmatch(v):
+            m = _PORT_RE.fullmatch(v)
+            assert m is not None
+            first = int(m.group(1))
+            last = int(m.group(2)) if m.group(2) else first
+        else:
+            self.bad(node, path, f'expected a port or a range "A-B", got {_type_name(node)}')
+            return None
+        for p in (first, last):
+            if not 1 <= p <= 65535:
+                self.bad(node, path, f"port {p} is out of range 1..65535")
+                return None
+        if first > last:
+            self.bad(node, path, f"range {first}-{last} is reversed: write {last}-{first}")
+            return None
+        return PortRange(first, last)
+
+    def gateway(self, node: _Node) -> tuple[GatewaySection, dict[str, Any]] | None:
+        entries = self.mapping(node, "gateway", _GATEWAY_KEYS)
+        if entries is None:
+            return None
+        iface = (self.interface(entries["public_interface"][1], "gateway.public_interface")
+                 if "public_interface" in entries else None)
+        publics = (self.addresses(entries["public_addresses"][1], "gateway.public_addresses",
+                                  "addresses", nonempty=True)
+                   if "public_addresses" in entries else None)
+        homes = self.networks(entries["home_networks"][1]) if "home_networks" in entries else None
+        via: list[_Addr] | None = []
+        if "via" in entries and entries["via"][1].value is not None:
+            via = self.addresses(entries["via"][1], "gateway.via", "addresses", nonempty=False,
+                                 one_per_family=True)
+        forwards: list[_Parsed] | None = []
+        if "forwards" in entries:
+            forwards = self.service_list(entries["forwards"][1], "gateway.forwards")
+        if iface is None or publics is None or homes is None or via is None or forwards is None:
+            return None
+        section = GatewaySection(
+            public_interface=iface,
+            public_addresses=tuple(a.address for a in publics),
+            home_networks=tuple(n.network for n in homes),
+            via=tuple(a.address for a in via),
+            forwards=tuple(p.service for p in forwards),
+        )
+        via_node = entries["via"][1] if "via" in entries else None
+        return section, {"publics": publics, "homes": homes, "via": via, "via_node": via_node,
+                         "forwards": forwards, "node": node}
+
+    def networks(self, node: _Node) -> list[_Net] | None:
+        path = "gateway.home_networks"
+        nodes = self.items(node, path, "network prefixes")
+        if nodes is None:
+            return None
+        out: list[_Net] = []
+        ok = True
+        for i, item in enumerate(nodes):
+            network = self.network(item, _index(path, i))
+            if network is None:
+                ok = False
+                continue
+            first = next((n for n in out if n.network == network), None)
+            if first:
+                self.bad(item, _index(path, i),
+                         f"{network} is listed twice (first at line {first.node.line})")
+                ok = False
+            else:
+                out.append(_Net(network, item, _index(path, i)))
+        return out if ok else None
+
+    def vpn_server(self, node: _Node) -> tuple[VpnServerSection, dict[str, _Node]] | None:
+        entries = self.mapping(node, "vpn_server", _VPN_SERVER_KEYS)
+        if entries is None:
+            return None
+        tun = (self.interface(entries["tunnel_interface"][1], "vpn_server.tunnel_interface")
+               if "tunnel_interface" in entries else None)
+        up = (self.interface(entries["uplink_interface"][1], "vpn_server.uplink_interface")
+              if "uplink_interface" in entries else None)
+        families: tuple[Family, ...] | None = (4, 6)
+        if "families" in entries:
+            families = self.families(entries["families"][1])
+        if tun is None or up is None or families is None:
+            return None
+        return VpnServerSection(tun, up, families), {"uplink": entries["uplink_interface"][1]}
+
+    def families(self, node: _Node) -> tuple[Family, ...] | None:
+        path = "vpn_server.families"
+        nodes = self.items(node, path, "families (4, 6, ipv4 or ipv6)")
+        if nodes is None:
+            return None
+        by_name: dict[Any, Family] = {4: 4, 6: 6, "ipv4": 4, "ipv6": 6}
+        seen: set[Family] = set()
+        ok = True
+        for i, item in enumerate(nodes):
+            v = item.value
+            family = (by_name.get(v) if item.kind == "scalar" and isinstance(v, int | str)
+                      and not isinstance(v, bool) else None)
+            if family is None:
+                self.bad(item, _index(path, i), f"expected 4, 6, ipv4 or ipv6, got {_type_name(item)}")
+                ok = False
+            elif family in seen:
+                self.bad(item, _index(path, i), f"IPv{family} is listed twice")
+                ok = False
+            else:
+                seen.add(family)
+        return tuple(sorted(seen)) if ok else None
+
+    def vpn_client(self, node: _Node) -> tuple[VpnClientSection, dict[str, _Node]] | None:
+        entries = self.mapping(node, "vpn_client", _VPN_CLIENT_KEYS)
+        if entries is None:
+            return None
+        tun = (self.interface(entries["tunnel_interface"][1], "vpn_client.tunnel_interface")
+               if "tunnel_interface" in entries else None)
+        lan = (self.interface(entries["lan_interface"][1], "vpn_client.lan_interface")
+               if "lan_interface" in entries else None)
+        rp_filter: str | None = "loose"
+        if "rp_filter" in entries:
+            vnode = entries["rp_filter"][1]
+            # YAML 1.1 reads a bare `off` as false.
+            rp_filter = "off" if vnode.value is False else self.choice(vnode, "vpn_client.rp_filter",
+                                                                       ("off", "loose"))
+        if tun is None or lan is None or rp_filter is None:
+            return None
+        section = VpnClientSection(tun, lan, rp_filter)  # type: ignore[arg-type]
+        return section, {"lan": entries["lan_interface"][1]}
+
+    def service_section(self, node: _Node) -> tuple[ServiceSection, dict[str, Any]] | None:
+        entries = self.mapping(node, "service", _SERVICE_SECTION_KEYS)
+        if entries is None:
+            return None
+        via: list[_Addr] | None = []
+        if "via" in entries:
+            via = self.addresses(entries["via"][1], "service.via", "addresses", nonempty=True,
+                                 one_per_family=True)
+        tun: str | None = None
+        if "tunnel_interface" in entries:
+            tun = self.interface(entries["tunnel_interface"][1], "service.tunnel_interface")
+            if tun is None:
+                return None
+        if via is None:
+            return None
+        if not via and tun is None:
+            self.bad(node, "service", "needs via (one address per family) or tunnel_interface")
+            return None
+        tun_node = entries["tunnel_interface"][1] if "tunnel_interface" in entries else None
+        return ServiceSection(tuple(a.address for a in via), tun), {"via": via, "tun": tun_node}
+
+    def interval(self, node: _Node) -> float | None:
+        path = "resync_interval"
+        v = node.value
+        if node.kind == "scalar" and isinstance(v, int | float) and not isinstance(v, bool):
+            seconds = float(v) if abs(v) < 1e9 else math.inf  # float() of a huge int overflows
+        elif node.kind == "scalar" and isinstance(v, str) and _DURATION_RE.fullmatch(v.strip()):
+            m = _DURATION_RE.fullmatch(v.strip())
+            assert m is not None
+            seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        else:
+            self.bad(node, path, f"expected a duration like 2s, 500ms, 1m or a number of seconds, "
+                                 f"got {_type_name(node)}")
+            return None
+        if not (math.isfinite(seconds) and 0 < seconds <= MAX_INTERVAL):
+            self.bad(node, path, f"must be more than 0 and at most {MAX_INTERVAL:g} seconds")
+            return None
+        return seconds
+
+    # -- cross-checks --
+
+    def check_sections(self, top: dict[str, _Entry], roles: list[tuple[str, _Node]]) -> None:
+        role_names = {r for r, _ in roles}
+        for i, (role, item) in enumerate(roles):
+            section = _ROLE_SECTIONS[role]
+            if section not in top:
+                self.bad(item, _index("roles", i), f"role {role} needs a `{section}` section")
+        for role, section in _ROLE_SECTIONS.items():
+            if section in top and role not in role_names:
+                self.bad(top[section][0], section, f"section without its role: add {role} to roles")
+
+    def check_gateway(self, gw: dict[str, Any], services: list[_Parsed], section: GatewaySection,
+                      roles: tuple[str, ...]) -> None:
+        public_families = {_family(a) for a in section.public_addresses}
+        forwards: list[_Parsed] = gw["forwards"]
+        for p in [*services, *forwards]:
+            f = p.service.family
+            if f not in public_families:
+                self.bad(p.address, _key(p.path, "address"),
+                         f"IPv{f} address but gateway.public_addresses has no IPv{f} address")
+        for p in services:
+            if not any(p.service.address in n for n in section.home_networks):
+                nets = ", ".join(str(n) for n in section.home_networks)
+                self.bad(p.address, _key(p.path, "address"),
+                         f"{p.service.address} is outside gateway.home_networks ({nets})")
+        via: list[_Addr] = gw["via"]
+        homes: list[_Net] = gw["homes"]
+        if "vpn-server" in roles:
+            if via:
+                self.bad(gw["via_node"], "gateway.via", "not used on a host that is also the vpn-server "
+                         "(home routes go via vpn_server.tunnel_interface): remove it")
+        else:
+            via_families = {_family(a.address) for a in via}
+            home_families = {_family(n.network) for n in homes}
+            for n in homes:
+                f = _family(n.network)
+                if f not in via_families:
+                    self.bad(n.node, n.path, f"IPv{f} home network but gateway.via has no IPv{f} "
+                                             "address to route it through")
+            for a in via:
+                f = _family(a.address)
+                if f not in home_families:
+                    self.bad(a.node, a.path, f"no IPv{f} home network to route through this address")
+        exposed = [*services, *forwards]
+        for i, p in enumerate(exposed):
+            s = p.service
+            for q in exposed[:i]:
+                t = q.service
+                if (s.proto == t.proto and s.family == t.family
+                        and s.port.first <= t.port.last and t.port.first <= s.port.last):
+                    self.bad(p.port, _key(p.path, "port"),
+                             f"{s.proto} port {s.port} overlaps {t.name} ({q.path}, line {q.port.line}): "
+                             "a public port can be forwarded to one place only")
+                    break
+
+    def check_service(self, sv: dict[str, Any], services: list[_Parsed],
+                      vpn_client: tuple[VpnClientSection, dict[str, _Node]] | None,
+                      roles: tuple[str, ...]) -> None:
+        tun_node: _Node | None = sv["tun"]
+        if tun_node is not None:
+            if "vpn-client" not in roles:
+                self.bad(tun_node, "service.tunnel_interface",
+                         "only with role vpn-client on this host; a separate service host uses via")
+            elif vpn_client is not None and vpn_client[0].tunnel_interface != tun_node.value:
+                self.bad(tun_node, "service.tunnel_interface",
+                         f"must be vpn_client.tunnel_interface ({vpn_client[0].tunnel_interface})")
+            return
+        via: list[_Addr] = sv["via"]
+        families = {_family(a.address) for a in via}
+        for p in services:
+            f = p.service.family
+            if f not in families:
+                self.bad(p.address, _key(p.path, "address"),
+                         f"IPv{f} service but service.via has no IPv{f} address for its replies")
+
+    def check_names(self, exposed: list[_Parsed]) -> None:
+        first: dict[str, _Parsed] = {}
+        for p in exposed:
+            name = p.service.name
+            if name in first:
+                self.bad(p.name, _key(p.path, "name"), f"duplicate name {name!r} "
+                         f"(first at {first[name].path}, line {first[name].name.line})")
+            else:
+                first[name] = p
+
+
+def _suggest(word: str, known: Iterable[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(known), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
