@@ -354,8 +354,6 @@ BROKEN: list[tuple[str, str, list[tuple[int, str, str]]]] = [
     ("role-without-section", "roles: [vpn-server, vpn-client]\n"
                              "vpn_server: {tunnel_interface: tun0, uplink_interface: eth0}\n",
      [(1, "roles[1]", "needs a `vpn_client` section")]),
-    ("section-without-role", vs("service: {via: [192.168.100.2]}\n"),
-     [(3, "service", "add service to roles")]),
     ("service-needs-via-or-tunnel", "roles: [service]\nservice: {}\n", [(2, "service", "needs via")]),
     ("service-tunnel-without-vpn-client", "roles: [service]\nservice: {tunnel_interface: tun0}\n",
      [(2, "service.tunnel_interface", "only with role vpn-client")]),
@@ -464,7 +462,6 @@ def test_cross_check_problems_are_all_reported() -> None:
         (8, "gateway.home_networks[0]"),  # no via at all
         (8, "gateway.home_networks[1]"),
         (9, "gateway.forwards[0].name"),  # duplicate of services[1]
-        (10, "vpn_client"),               # section without role
     ]
 
 
@@ -574,3 +571,11 @@ def test_import_pulls_no_edge_library() -> None:
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'pyroute2', 'iptc', 'watchdog', 'systemd'}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_section_without_its_role_is_allowed_and_unused() -> None:
+    """One file may serve several hosts that differ only in `roles` (DESIGN.md's sample)."""
+    config = parse_config(
+        "roles: [service]\nservice: {via: [192.168.100.2]}\n"
+        "vpn_server: {tunnel_interface: tun0, uplink_interface: eth0}\n", "t.yaml")
+    assert config.roles == ("service",) and not config.has("vpn-server")
