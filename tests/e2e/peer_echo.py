@@ -1,0 +1,166 @@
+"""The lab's home service and its Internet client: each answer names the peer address seen.
+
+Owns: a TLS listener per TCP port and a UDP listener per UDP port, on IPv4 and IPv6 (separate
+v6-only sockets), each answering one line `seen-from <peer address>`; and the client calls
+`ask_tcp` / `ask_udp` that the lab runs inside the Internet client's namespace. Never changes
+any network state. UDP replies leave from the very address the request came to (IP_PKTINFO),
+as a real UDP server on a multi-address host must, or the reply would carry a source the
+client never sent to.
+
+Run as a service:  peer_echo.py serve --cert C --key K --tcp 443,8443 --udp 7000,7001
+Ask once:          peer_echo.py ask tcp|udp ADDRESS PORT [--timeout S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import socket
+import ssl
+import struct
+import sys
+import threading
+import time
+
+# Linux values; Python's socket module does not export IP_PKTINFO.
+IP_PKTINFO = 8
+IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+GREETING = b"hello\n"
+
+
+def answer_for(peer: str) -> bytes:
+    return f"seen-from {peer}\n".encode()
+
+
+def parse_answer(data: bytes) -> str | None:
+    text = data.decode(errors="replace").strip()
+    return text.removeprefix("seen-from ").strip() if text.startswith("seen-from ") else None
+
+
+# ---- service ---------------------------------------------------------------------------------
+def _tls_connection(ctx: ssl.SSLContext, conn: socket.socket, peer: str) -> None:
+    with contextlib.suppress(OSError), conn:
+        conn.settimeout(10)
+        with ctx.wrap_socket(conn, server_side=True) as tls:
+            tls.sendall(answer_for(peer))
+            with contextlib.suppress(OSError):
+                tls.unwrap()
+
+
+def _serve_tls(ctx: ssl.SSLContext, family: socket.AddressFamily, port: int) -> None:
+    with socket.socket(family, socket.SOCK_STREAM) as srv:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        srv.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
+        srv.listen(64)
+        while True:
+            conn, addr = srv.accept()
+            threading.Thread(target=_tls_connection, args=(ctx, conn, addr[0]), daemon=True).start()
+
+
+def _serve_udp(family: socket.AddressFamily, port: int) -> None:
+    v6 = family == socket.AF_INET6
+    with socket.socket(family, socket.SOCK_DGRAM) as srv:
+        if v6:
+            srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            srv.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+        else:
+            srv.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        srv.bind(("::" if v6 else "0.0.0.0", port))
+        while True:
+            _data, ancdata, _flags, addr = srv.recvmsg(2048, socket.CMSG_SPACE(64))
+            reply_from: list[tuple[int, int, bytes]] = []
+            for level, kind, cdata in ancdata:
+                if not v6 and level == socket.IPPROTO_IP and kind == IP_PKTINFO:
+                    # in_pktinfo {ifindex, spec_dst, addr}: answer from the header's destination
+                    reply_from = [(level, kind, struct.pack("=i4s4s", 0, cdata[8:12], b"\0" * 4))]
+                elif v6 and level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO:
+                    reply_from = [(level, kind, struct.pack("=16si", cdata[:16], 0))]
+            with contextlib.suppress(OSError):
+                srv.sendmsg([answer_for(addr[0])], reply_from, 0, addr)
+
+
+def serve(cert: str, key: str, tcp_ports: list[int], udp_ports: list[int]) -> None:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    workers = [(_serve_tls, (ctx, fam, p)) for p in tcp_ports for fam in (socket.AF_INET, socket.AF_INET6)]
+    workers += [(_serve_udp, (fam, p)) for p in udp_ports for fam in (socket.AF_INET, socket.AF_INET6)]
+    threads = [threading.Thread(target=fn, args=args, daemon=True) for fn, args in workers]
+    for t in threads:
+        t.start()
+    print(f"peer_echo: tls on {tcp_ports}, udp on {udp_ports}", flush=True)
+    while all(t.is_alive() for t in threads):
+        time.sleep(0.5)
+    sys.exit("peer_echo: a listener died")
+
+
+# ---- client ----------------------------------------------------------------------------------
+def _family(address: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+
+
+def ask_tcp(address: str, port: int, timeout: float = 3.0) -> str | None:
+    """TLS to address:port; the address the service saw, or None if nothing came back in time."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the lab's self-made CA: this checks the path, not the PKI
+    try:
+        with socket.create_connection((address, port), timeout=timeout) as raw, \
+                ctx.wrap_socket(raw) as tls:
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = tls.recv(256)
+                if not chunk:
+                    break
+                data += chunk
+    except (OSError, ssl.SSLError):
+        return None
+    return parse_answer(data)
+
+
+def ask_udp(address: str, port: int, timeout: float = 3.0) -> str | None:
+    """One datagram (resent a few times within the timeout); the answer's peer address or None."""
+    deadline = time.monotonic() + timeout
+    with socket.socket(_family(address), socket.SOCK_DGRAM) as sock:
+        sock.connect((address, port))  # only answers from the address we asked are accepted
+        while (left := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(OSError):
+                sock.send(GREETING)
+            sock.settimeout(min(left, 1.0))
+            try:
+                return parse_answer(sock.recv(2048))
+            except TimeoutError:
+                continue
+            except OSError:  # ICMP unreachable: the port is closed right now, try again
+                time.sleep(min(0.2, max(deadline - time.monotonic(), 0)))
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("--cert", required=True)
+    s.add_argument("--key", required=True)
+    s.add_argument("--tcp", default="443")
+    s.add_argument("--udp", default="7000")
+    a = sub.add_parser("ask")
+    a.add_argument("proto", choices=["tcp", "udp"])
+    a.add_argument("address")
+    a.add_argument("port", type=int)
+    a.add_argument("--timeout", type=float, default=3.0)
+    args = p.parse_args(argv)
+    if args.cmd == "serve":
+        ports = [[int(x) for x in spec.split(",") if x] for spec in (args.tcp, args.udp)]
+        serve(args.cert, args.key, ports[0], ports[1])
+        return 0
+    seen = (ask_tcp if args.proto == "tcp" else ask_udp)(args.address, args.port, args.timeout)
+    print(seen if seen else "no answer")
+    return 0 if seen else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
