@@ -336,8 +336,27 @@ class Lab:
                       "--key", self.pki["web.key"], "--tcp", tcp, "--udp", udp],
                      stdout=self._logfile(f"{name}-peer-echo"), stderr=subprocess.STDOUT)
         for ns in (self.web, self.lanhost):
+            # counters of what arrives (TCP SYNs, datagrams), in the raw table no role touches:
+            # "not reachable" means nothing arrived, not merely that no answer came back
+            for ipt in ("iptables-legacy", "ip6tables-legacy"):
+                for proto, port in (("tcp", TLS_PORT), ("tcp", SPARE_TLS_PORT),
+                                    ("udp", UDP_PORT), ("udp", SPARE_UDP_PORT)):
+                    syn = ["--syn"] if proto == "tcp" else []
+                    ns.run([ipt, "-t", "raw", "-A", "PREROUTING", "-p", proto, "--dport", str(port),
+                            *syn, "-m", "comment", "--comment", "lab-arrivals"])
+        for ns in (self.web, self.lanhost):
             wait_for(lambda ns=ns: f":{TLS_PORT} " in ns.out("ss -Htln") and f":{UDP_PORT} " in ns.out("ss -Hln -u"),
                      timeout=10, what=f"peer_echo listening in {ns.name}")
+
+    @staticmethod
+    def arrivals(ns: Netns, proto: str, port: int, family: int = 4) -> int:
+        """How many TCP SYNs / UDP datagrams for port have arrived at this home host so far."""
+        ipt = "iptables-legacy" if family == 4 else "ip6tables-legacy"
+        listing = ns.out([ipt, "-t", "raw", "-L", "PREROUTING", "-v", "-n", "-x"])
+        for line in listing.splitlines():
+            if "lab-arrivals" in line and f"{proto} dpt:{port} " in line:
+                return int(line.split()[0])
+        raise LookupError(f"no arrival counter for {proto}/{port} in {ns.name}")
 
     # ---- the VPN -----------------------------------------------------------------------------
     def start_vpn_server(self) -> None:

@@ -1,0 +1,212 @@
+"""End to end, the seed's layout with real OpenVPN and tagrouted on each host of the path.
+
+What a user checks: through the public IPv4 and IPv6 addresses, TLS and UDP, the home service
+sees the client's own address; without tagrouted it does not work (the control); hardened
+rp_filter, a tunnel restart, a flushed mangle table and a reload with a new service all leave
+it working; nothing that is not configured is reachable from outside.
+One lab for the module: tests that break something put it back before they end.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from lab import (
+    CLIENT4,
+    CLIENT6,
+    LANHOST4,
+    LANHOST6,
+    PUBLIC4,
+    PUBLIC6,
+    SPARE_TLS_PORT,
+    SPARE_UDP_PORT,
+    TLS_PORT,
+    UDP_PORT,
+    Lab,
+)
+from nslab import wait_for
+from support import built_lab, needs_daemon
+
+pytestmark = pytest.mark.e2e
+
+PATHS = [(PUBLIC4, CLIENT4, 4), (PUBLIC6, CLIENT6, 6)]
+FAIL_TIMEOUT = 2.0  # a request expected to fail waits this long for an answer
+RESYNC_INTERVAL = 2.0  # the example configs' default resync_interval
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with built_lab(variant="openvpn", layout="seed", manager="tagrouted") as lab:
+        yield lab
+
+
+def ask(lab: Lab, proto: str, address: str, port: int | None = None,
+        timeout: float = 3.0) -> str | None:
+    if proto == "tcp":
+        return lab.request_tcp(address, port or TLS_PORT, timeout=timeout)
+    return lab.request_udp(address, port or UDP_PORT, timeout=timeout)
+
+
+def all_paths(lab: Lab, timeout: float = 3.0) -> dict[tuple[str, str], str | None]:
+    return {(proto, public): ask(lab, proto, public, timeout=timeout)
+            for public, _client, _family in PATHS for proto in ("tcp", "udp")}
+
+
+def expected_paths() -> dict[tuple[str, str], str | None]:
+    return {(proto, public): client for public, client, _f in PATHS for proto in ("tcp", "udp")}
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+@pytest.mark.parametrize(("public", "client", "family"), PATHS, ids=["ipv4", "ipv6"])
+def test_service_sees_the_clients_own_address(lab: Lab, proto: str, public: str, client: str,
+                                              family: int) -> None:
+    port = TLS_PORT if proto == "tcp" else UDP_PORT
+    before = lab.arrivals(lab.web, proto, port, family)
+    assert ask(lab, proto, public) == client
+    assert lab.arrivals(lab.web, proto, port, family) > before
+
+
+def test_every_host_is_in_sync(lab: Lab) -> None:
+    for host in lab.configs:
+        res = lab.tagroutectl(host, "diff")
+        assert res.returncode == 0, f"{host} drifted:\n{res.stdout}{res.stderr}"
+
+
+@pytest.mark.parametrize(("public", "family"), [(PUBLIC4, 4), (PUBLIC6, 6)], ids=["ipv4", "ipv6"])
+def test_port_not_configured_is_not_reachable_through_the_public_address(
+        lab: Lab, public: str, family: int) -> None:
+    # the service listens on these ports too: only the configuration keeps them closed
+    tcp_before = lab.arrivals(lab.web, "tcp", SPARE_TLS_PORT, family)
+    udp_before = lab.arrivals(lab.web, "udp", SPARE_UDP_PORT, family)
+    assert lab.request_tcp(public, SPARE_TLS_PORT, timeout=FAIL_TIMEOUT) is None
+    assert lab.request_udp(public, SPARE_UDP_PORT, timeout=FAIL_TIMEOUT) is None
+    assert lab.arrivals(lab.web, "tcp", SPARE_TLS_PORT, family) == tcp_before
+    assert lab.arrivals(lab.web, "udp", SPARE_UDP_PORT, family) == udp_before
+
+
+def test_lan_host_that_is_no_service_is_not_reachable(lab: Lab) -> None:
+    """An attacker one hop away routes the home networks straight at the public server, and
+    the VPN server's side of the tunnel sends into it: neither reaches a LAN host that is no
+    service, nor a service host's other ports."""
+    probes = [(LANHOST4, TLS_PORT, lab.lanhost, 4), (LANHOST6, TLS_PORT, lab.lanhost, 6),
+              ("192.168.100.3", SPARE_TLS_PORT, lab.web, 4), ("fd00:100::3", SPARE_TLS_PORT, lab.web, 6)]
+    lab.isp.run("ip -4 route add 192.168.100.0/24 via 192.0.2.200")
+    lab.isp.run("ip -6 route add fd00:100::/64 via 2001:db8:a::200")
+    try:
+        for address, port, host, family in probes:
+            before = lab.arrivals(host, "tcp", port, family)
+            assert lab.request_tcp(address, port, timeout=FAIL_TIMEOUT) is None
+            assert lab.arrivals(host, "tcp", port, family) == before, f"{address}:{port} reached from the Internet"
+    finally:
+        lab.isp.run("ip -4 route del 192.168.100.0/24 via 192.0.2.200", check=False)
+        lab.isp.run("ip -6 route del fd00:100::/64 via 2001:db8:a::200", check=False)
+    from peer_echo import ask_tcp
+    for address, port, host, family in probes:
+        before = lab.arrivals(host, "tcp", port, family)
+        lab.vpnserver.call(ask_tcp, address, port, FAIL_TIMEOUT)
+        assert lab.arrivals(host, "tcp", port, family) == before, f"{address}:{port} reached from the tunnel"
+
+
+def test_control_without_tagrouted_the_request_fails(lab: Lab, report: Callable[[str], None]) -> None:
+    """The control: the same requests fail once tagrouted is stopped and its state removed.
+    First only on the web host: the request still arrives there, its reply leaks to the ISP."""
+    try:
+        lab.stop_tagrouted(["web"], remove_state=True)
+        before = lab.arrivals(lab.web, "tcp", TLS_PORT, 4)
+        assert all_paths(lab, timeout=FAIL_TIMEOUT) == dict.fromkeys(expected_paths())
+        assert lab.arrivals(lab.web, "tcp", TLS_PORT, 4) > before, "the request did not even arrive"
+        lab.stop_tagrouted(remove_state=True)
+        assert lab.request_tcp(PUBLIC4, timeout=FAIL_TIMEOUT) is None
+        assert lab.request_udp(PUBLIC6, timeout=FAIL_TIMEOUT) is None
+    finally:
+        restore(lab)
+    t0 = time.monotonic()
+    lab.wait_path(timeout=40)
+    report(f"control: tagrouted started again -> path working after {time.monotonic() - t0:.2f} s")
+    assert all_paths(lab) == expected_paths()
+
+
+def restore(lab: Lab) -> None:
+    if lab.manager == "tagrouted":
+        lab.start_tagrouted()
+    else:
+        lab.apply_tagrouted()
+
+
+def test_hardened_rp_filter_on_the_vpn_client_still_works(lab: Lab) -> None:
+    """all.rp_filter=1 (the kernel uses max(all, tun0)): the seed's tun0=0 silently fails here."""
+    lab.vpnclient.run("sysctl -qw net.ipv4.conf.all.rp_filter=1")
+    try:
+        assert all_paths(lab) == expected_paths()
+        # and still after tagrouted has looked at the changed sysctl again
+        wait_for(lambda: lab.tagroutectl("vpnclient", "diff").returncode == 0, timeout=10,
+                 what="vpnclient in sync")
+        assert lab.vpnclient.out("sysctl -n net.ipv4.conf.tun0.rp_filter").strip() in ("2",)
+        assert all_paths(lab) == expected_paths()
+    finally:
+        lab.vpnclient.run("sysctl -qw net.ipv4.conf.all.rp_filter=0")
+
+
+@needs_daemon
+def test_openvpn_client_restart_works_again(lab: Lab, report: Callable[[str], None]) -> None:
+    lab.stop_vpn_client()  # tun0 is gone, and with it the `default dev tun0` of table 42
+    assert lab.request_tcp(PUBLIC4, timeout=FAIL_TIMEOUT) is None
+    t0 = time.monotonic()
+    lab.start_vpn_client(wait=False)
+    wait_for(lab.tunnel_up, timeout=30, what="tun0 back")
+    t_tun = time.monotonic() - t0
+    wait_for(lambda: lab.request_tcp(PUBLIC4, timeout=1.0) == CLIENT4, timeout=30, interval=0.02,
+             what="TLS through the public address after the restart")
+    t_path = time.monotonic() - t0
+    report(f"openvpn client restart: tun0 back after {t_tun:.2f} s, "
+           f"path working again after {t_path:.2f} s (from the client's start)")
+    assert all_paths(lab) == expected_paths()
+
+
+@needs_daemon
+def test_flushed_mangle_on_the_web_host_is_repaired(lab: Lab, report: Callable[[str], None]) -> None:
+    lab.web.run("iptables-legacy -t mangle -F")
+    t0 = time.monotonic()
+    wait_for(lambda: "TAGROUTED-OUTPUT" in lab.web.out("iptables-legacy -t mangle -S OUTPUT")
+             and "-j CONNMARK" in lab.web.out("iptables-legacy -t mangle -S TAGROUTED-INPUT"),
+             timeout=RESYNC_INTERVAL + 3, interval=0.02, what="the mangle rules repaired")
+    t_repair = time.monotonic() - t0
+    wait_for(lambda: lab.request_tcp(PUBLIC4, timeout=1.0) == CLIENT4, timeout=RESYNC_INTERVAL + 3,
+             what="TLS through the public address after the flush")
+    report(f"iptables-legacy -t mangle -F on the web host: repaired after {t_repair:.2f} s, "
+           f"path working after {time.monotonic() - t0:.2f} s (resync_interval {RESYNC_INTERVAL:g} s)")
+    assert all_paths(lab) == expected_paths()
+
+
+SPARE_SERVICES = (
+    f"  - {{name: spare, proto: tcp, port: {SPARE_TLS_PORT}, address: 192.168.100.3}}\n"
+    f"  - {{name: spare6, proto: tcp, port: {SPARE_TLS_PORT}, address: \"fd00:100::3\"}}\n"
+    f"  - {{name: spare-udp, proto: udp, port: {SPARE_UDP_PORT}, address: 192.168.100.3}}\n"
+    f"  - {{name: spare-udp6, proto: udp, port: {SPARE_UDP_PORT}, address: \"fd00:100::3\"}}\n"
+)
+
+
+@needs_daemon
+def test_reload_makes_a_new_service_reachable_without_restart(lab: Lab) -> None:
+    pids = {h: p.pid for h, p in lab.daemons.items()}
+    edited = ("remote", "vpnclient")  # the gateway exposes it, the vpn-client admits it
+    originals = {h: lab.configs[h].read_text() for h in edited}
+    try:
+        for host in edited:
+            assert "services:\n" in originals[host]
+            lab.configs[host].write_text(originals[host].replace("services:\n", "services:\n" + SPARE_SERVICES, 1))
+        for host in edited:
+            res = lab.tagroutectl(host, "reload")
+            assert res.returncode == 0, res.stdout + res.stderr
+        for public, client, _family in PATHS:
+            assert lab.request_tcp(public, SPARE_TLS_PORT) == client
+            assert lab.request_udp(public, SPARE_UDP_PORT) == client
+        assert {h: p.pid for h, p in lab.daemons.items()} == pids
+        assert all(p.poll() is None for p in lab.daemons.values())
+    finally:
+        for host in edited:
+            lab.configs[host].write_text(originals[host])
+            lab.tagroutectl(host, "reload")
+    assert lab.request_tcp(PUBLIC4, SPARE_TLS_PORT, timeout=FAIL_TIMEOUT) is None
