@@ -849,8 +849,9 @@ def _open(fam: _Family, table: str) -> Iterator[_Handle]:
 
 
 @contextmanager
-def _xtables_lock(timeout: float = LOCK_WAIT) -> Iterator[None]:
-    """The flock iptables-legacy takes on /run/xtables.lock, waited for up to `timeout`."""
+def _xtables_lock() -> Iterator[None]:
+    """The flock iptables-legacy takes on /run/xtables.lock, waited for up to LOCK_WAIT."""
+    timeout = LOCK_WAIT
     fd = os.open(LOCK_PATH, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         deadline = time.monotonic() + timeout
