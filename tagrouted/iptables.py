@@ -1060,6 +1060,18 @@ def _apply(h: _Handle, fam: _Family, desired: tuple[OwnedChain, ...], want: tupl
         h.delete_chain(name)
 
 
+def _table_present(family: Family, table: str) -> bool:
+    """Whether the namespace has instantiated this legacy table. Reading a table makes the
+    kernel instantiate it (and hook it into every packet's path), so a table nothing of ours
+    can be in is never opened: not by `down`, not by a read."""
+    names = "/proc/net/ip_tables_names" if family == 4 else "/proc/net/ip6_tables_names"
+    try:
+        with open(names) as f:
+            return table in f.read().split()
+    except FileNotFoundError:
+        return False  # the legacy module is not even loaded
+
+
 # ---- the interface -------------------------------------------------------------------------
 
 def sync_table(family: Family, table: str, desired: tuple[OwnedChain, ...], *,
@@ -1069,6 +1081,8 @@ def sync_table(family: Family, table: str, desired: tuple[OwnedChain, ...], *,
     /run/xtables.lock; retried with doubling backoff when the commit races another writer."""
     desired = tuple(desired)
     _validate(family, table, desired)
+    if not desired and not _table_present(family, table):
+        return []
     pause = FIRST_BACKOFF
     last = ""
     for attempt in range(ATTEMPTS):
@@ -1095,6 +1109,8 @@ def sync_table(family: Family, table: str, desired: tuple[OwnedChain, ...], *,
 def read_table(family: Family, table: str) -> KernelTable:
     """Our TAGROUTED-* chains (canonical rules) and the jump positions per built-in chain."""
     _validate(family, table, ())
+    if not _table_present(family, table):
+        return KernelTable(family, table)
     for _ in range(ATTEMPTS):
         try:
             with _lock:
