@@ -69,15 +69,15 @@ class _Builder:
         self.routes: set[Route] = set()
         self.rules: set[PolicyRule] = set()
         self.sysctls: dict[str, str] = {}
-        self.chain_rules: dict[tuple[Family, str, str], list[FirewallRule]] = defaultdict(list)
+        # An insertion-ordered set per chain: a list's `in` made 1000 services O(N^2) (~0.4 s).
+        self.chain_rules: dict[tuple[Family, str, str], dict[FirewallRule, None]] = defaultdict(dict)
         self.udp: set[ConntrackFlush] = set()
         self.notes: list[str] = []
 
     def fw(self, family: Family, table: str, builtin: str, *rules: FirewallRule) -> None:
         chain = self.chain_rules[(family, table, builtin)]
         for rule in rules:
-            if rule not in chain:
-                chain.append(rule)
+            chain.setdefault(rule, None)
 
     def tagged_routing(self, family: Family, route: Route | None) -> None:
         """Table T's route for tagged replies and the fwmark rule that leads there."""
