@@ -5,40 +5,43 @@ Owns: chains named TAGROUTED-<BUILTIN> (CHAIN_PREFIX) in mangle/nat/filter of IP
 in each built-in chain the one rule `-m comment --comment tagrouted -j TAGROUTED-<BUILTIN>` at
 position 0. Any other rule that jumps to one of our chains is a stray reference to our brand: it
 is removed when the jump is put right or the chain goes. Never touches anything else: other
-chains, other rules (their counters too: libiptc carries them over a commit) and policies.
+chains, other rules (libiptc carries their counters over a commit) and policies. Any libiptc
+commit zeroes the built-in chains' policy counters (iptables-legacy's own commits do too), so a
+table is committed only when something of ours differs. A table the namespace has not
+instantiated is never opened (opening one creates it and hooks it into every packet's path).
 
 Writes: one libiptc commit per table, under an exclusive flock on /run/xtables.lock (the lock
-iptables-legacy itself takes), so a concurrent `iptables -w -A` is never lost; a commit that
-races a writer which ignores the lock fails with EAGAIN and the whole read-compare-commit is
-retried with doubling backoff. A table already equal to the desired one is not written at all.
+iptables-legacy itself takes), so a concurrent `iptables -w -A` is never lost. Writers that skip
+the lock (python-iptables users) make our commit fail with EAGAIN: the whole read-compare-commit
+is then redone on a fresh handle, with doubling backoff, a few times (IptablesTransient after).
 
 Comparison (never text against text): a desired FirewallRule is built into the binary entry the
-kernel will hold (cached for the process life), and `canonical(rule)` decodes that entry with
-the same xtables save functions used to decode kernel rules. A sync first compares the kernel's
-entries with the built ones byte for byte (counters and kernel-private bytes masked); only when
-they differ does it decode the kernel's rules and diff canonical forms (diff.chain_changes).
+kernel will hold, and `canonical(rule)` decodes that entry with the extensions' own save()
+functions, as kernel entries are decoded. A sync first compares the kernel's entries with the
+built ones byte for byte (counters and kernel-private bytes masked out); only entries that
+differ are decoded and compared in canonical form (diff.chain_changes gives the changes).
 
-Caches: built entries, canonical forms and decoded entries are pure functions of their input
-(and of the host's libxtables), so they are valid in any network namespace. No kernel state is
-remembered between calls: each call re-reads the table through a fresh libiptc handle.
+Caches: built entries, canonical forms, decoded entries and entry keys are pure functions of
+their input (and of the host's libxtables), valid in any network namespace. No kernel state is
+remembered between calls: every call re-reads the table through a fresh libiptc handle.
 
-Threading: every call holds one process-wide lock (libxtables keeps per-extension parse state
-in globals). Call it from any thread; calls are serialised.
+Threading: every call holds one process-wide lock (libxtables keeps per-extension parse state in
+globals); calls from several threads are serialised.
 
 Traps in python-iptables 1.2 / libxtables 1.8.9, and what this module does about them:
-- iptc.Table objects are cached per process, autocommit flag shared by every user: we never
-  make one; each call opens its own libiptc handle (iptc_init) and frees it.
-- iptc.Target() asks every (process-wide, cached) Table whether a name is a chain, creating
-  those Tables on the way: _Target answers from the name (only our chains are jumped to).
-- Rule6 fills interface masks with 0x01 bytes, so `-i eth0` also matches other names
-  (python-iptables #244): the ip/ip6 header is filled here as xtables_parse_interface does.
-- libxtables 1.8.9 registers a target .so only for the family current when it is loaded, and
-  remembers a failed target look-up by name for both families (python-iptables #316, #325):
-  _Registry loads each extension itself, once per family, and looks up only what it has seen
-  registered.
-- Rule.final_check() re-parses every option through save() and a stdout pipe (most of the
-  ~1 s per 1000 rules): we final-check right after parsing each extension.
-- Extension save functions print to C stdout: glibc's `stdout` is pointed at an
+- iptc.Table objects are cached per process and share one autocommit flag: we never make one;
+  each call opens its own libiptc handle (iptc_init) and frees it.
+- iptc.Rule/Match/Target are not used: Target() opens every table of the process-wide cache to
+  ask whether a name is a chain; Rule6 fills interface masks with 0x01 bytes, so `-i eth0` also
+  matches other names (python-iptables #244); setting an option costs a dir() and final_check()
+  re-parses everything through save() and a stdout pipe (~1 s per 1000 DNAT rules). We fill the
+  ip/ip6 header as xtables_parse_interface does and drive the extensions' init/parse/final check
+  through python-iptables' xtables layer: ~0.08 ms per rule, once per rule per process.
+- libxtables 1.8.9 registers a target .so only for the family current when it is loaded, dies
+  ("already registered") if its init runs twice, and remembers a failed target look-up by name
+  for both families (python-iptables #316, #325): _Registry loads each extension itself, a
+  private memfd copy for the second family, and looks up only what it has seen registered.
+- Extension save() functions print to C stdout: glibc's `stdout` is pointed at an
   open_memstream buffer for a batch of decodes, so fd 1 and Python's output are untouched.
 """
 

@@ -10,6 +10,7 @@ Adapter code runs only in a forked child inside the namespace (Netns.call).
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
 import socket
@@ -414,6 +415,43 @@ def test_concurrent_iptables_writers_are_never_lost(host: Netns, tmp_path: Path)
     assert host.call(sync_all, states["b"]) == []
 
 
+def test_commit_racing_an_unlocked_writer_is_redone_on_a_fresh_read(host: Netns) -> None:
+    """python-iptables users commit without the xtables lock. When one commits between our read
+    and our commit, ours fails with EAGAIN; the whole read-compare-commit is done again, so
+    their rule is kept, not overwritten."""
+    def race_once() -> tuple[list[Change], int]:
+        import iptc  # the other tool: python-iptables with autocommit, no xtables lock
+
+        retried: list[logging.LogRecord] = []
+        handler = logging.Handler()
+        handler.emit = retried.append  # type: ignore[method-assign]
+        logging.getLogger("tagrouted.iptables").addHandler(handler)
+        logging.getLogger("tagrouted.iptables").setLevel(logging.DEBUG)
+        real_commit = iptables._Handle.commit
+        raced = []
+
+        def commit(self: iptables._Handle) -> None:
+            if not raced:
+                raced.append(True)
+                other = iptc.Rule()
+                other.src = "10.66.0.1"
+                other.create_target("ACCEPT")
+                iptc.Chain(iptc.Table(iptc.Table.FILTER), "FORWARD").append_rule(other)
+            real_commit(self)
+
+        iptables._Handle.commit = commit  # type: ignore[method-assign]
+        changes = iptables.sync_table(4, "filter", KINDS[4]["filter"])
+        return changes, len(retried)
+
+    ipt(host, 4, "-A FORWARD -s 10.66.0.2/32 -j ACCEPT")
+    changes, retried = host.call(race_once)
+    assert changes and retried == 1
+    lines = save(host, 4, "filter")
+    assert ours(lines) == expected_lines(KINDS[4]["filter"])
+    assert foreign(lines)[4:] == ["-A FORWARD -s 10.66.0.2/32 -j ACCEPT",
+                                  "-A FORWARD -s 10.66.0.1/32 -j ACCEPT", "COMMIT"]
+
+
 def test_lock_held_by_another_program_gives_transient(host: Netns) -> None:
     """The sync waits for /run/xtables.lock a bounded time, then says: try again later."""
     fd = os.open(iptables.LOCK_PATH, os.O_RDONLY | os.O_CREAT, 0o600)
@@ -434,6 +472,19 @@ def test_lock_held_by_another_program_gives_transient(host: Netns) -> None:
         os.close(fd)
     assert result.startswith("transient"), result
     assert ours(save(host, 4, "filter")) == []
+
+
+def test_reads_and_removals_do_not_instantiate_tables(host: Netns) -> None:
+    """Opening a legacy table makes the kernel create it in the namespace and hook it into
+    every packet's path; nothing of ours can be in one that does not exist."""
+    def look() -> list[object]:
+        return [*(iptables.read_table(f, t) for f in (4, 6) for t in TABLES),  # type: ignore[arg-type]
+                *(iptables.remove_all(f, t) for f in (4, 6) for t in TABLES)]  # type: ignore[arg-type]
+
+    results = host.call(look)
+    assert all(r == [] or (isinstance(r, KernelTable) and not r.chains and not r.jumps) for r in results)
+    for names in ("/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"):
+        assert host.run(["cat", names], check=False).stdout == ""
 
 
 def test_iptables_command_is_nft_returns_a_bool(host: Netns) -> None:
