@@ -1,0 +1,164 @@
+"""Shared pieces of the benchmarks: generated configs, statistics, tables, the machine line.
+
+Owns nothing in the kernel. Every benchmark builds its own namespaces with nslab (the per-run
+prefix) and removes them, also on Ctrl-C; kernel work runs in Netns.call children or through
+`ip netns exec`, never in the benchmark process, which never imports python-iptables (its
+Table cache would belong to the root namespace).
+
+Benchmarks print tables; they never fail on a number. Goals are printed next to the numbers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+TESTS = BENCH.parent
+REPO = TESTS.parent
+for _p in (str(TESTS), str(REPO)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from nslab import Netns, sweep_run_prefix, veth, wait_for  # noqa: E402
+
+VENV_BIN = REPO / ".venv" / "bin"
+PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
+TAGROUTECTL = [PYTHON, "-m", "tagrouted.cli"]
+TAGROUTED = [PYTHON, "-c", "import sys; from tagrouted.daemon_main import main; sys.exit(main())"]
+RECIPE_UP = BENCH / "recipe_up.sh"
+
+__all__ = ["BENCH", "PYTHON", "RECIPE_UP", "REPO", "TAGROUTECTL", "TAGROUTED", "Netns",
+           "gateway_config", "machine_line", "ms", "print_table", "stats", "sweep_run_prefix",
+           "veth", "vpn_client_config", "wait_for"]
+
+
+# ---- configs -------------------------------------------------------------------------------
+
+def service_address(i: int) -> str:
+    """The i-th home address inside 10.100.0.0/16 (250 hosts per /24, none ending in 0)."""
+    return f"10.100.{i // 250}.{i % 250 + 1}"
+
+
+def gateway_config(n: int, *, public_interface: str = "eth0", resync: str | None = None,
+                   proto: str = "tcp") -> str:
+    """A gateway config with `n` IPv4 services: unique names, distinct public ports, addresses
+    inside home_networks. Each service is one DNAT (nat) and one ACCEPT (filter FORWARD)."""
+    lines = ["roles: [gateway]", "services:"]
+    for i in range(n):
+        lines.append(f"  - {{name: s{i}, proto: {proto}, port: {10000 + i}, "
+                     f"address: {service_address(i)}}}")
+    if n == 0:
+        lines[-1] = "services: []"
+    lines += [
+        "gateway:",
+        f"  public_interface: {public_interface}",
+        "  public_addresses: [192.0.2.200]",
+        "  home_networks: [10.100.0.0/16]",
+        "  via: [192.168.200.2]",
+    ]
+    if resync:
+        lines.append(f"resync_interval: {resync}")
+    return "\n".join(lines) + "\n"
+
+
+def vpn_client_config(n: int = 2, *, tun: str = "tun0", lan: str = "eth0",
+                      rp_filter: str = "loose", resync: str | None = None) -> str:
+    """A vpn-client config with `n` IPv4 services behind `lan`."""
+    lines = ["roles: [vpn-client]", "services:"]
+    for i in range(n):
+        lines.append(f"  - {{name: s{i}, proto: tcp, port: {10000 + i}, "
+                     f"address: 192.168.100.{3 + i % 250}}}")
+    lines += ["vpn_client:", f"  tunnel_interface: {tun}", f"  lan_interface: {lan}",
+              f"  rp_filter: {rp_filter}"]
+    if resync:
+        lines.append(f"resync_interval: {resync}")
+    return "\n".join(lines) + "\n"
+
+
+def gateway_host(name: str) -> tuple[Netns, Netns]:
+    """A namespace shaped like the seed's public server: eth0 (a veth to a peer namespace of
+    ours) with 192.0.2.200 and 192.168.200.1/24, so the route via 192.168.200.2 is accepted."""
+    ns = Netns(name)
+    peer = Netns(name + "-peer")
+    veth(ns, "eth0", peer, "eth1")
+    ns.run("ip addr add 192.0.2.200/24 dev eth0")
+    ns.run("ip addr add 192.168.200.1/24 dev eth0")
+    return ns, peer
+
+
+# ---- statistics and output ----------------------------------------------------------------
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100): p99 of 200 samples is the 198th smallest."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def stats(values: Sequence[float]) -> dict[str, float]:
+    return {
+        "n": len(values),
+        "p50": statistics.median(values) if values else math.nan,
+        "p99": percentile(values, 99),
+        "max": max(values) if values else math.nan,
+    }
+
+
+def ms(seconds: float) -> str:
+    if math.isnan(seconds):
+        return "-"
+    value = seconds * 1000
+    return f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def print_table(title: str, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A GitHub-flavoured markdown table (pastes straight into the README)."""
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+    sys.stdout.flush()
+
+
+def machine_line() -> str:
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    ipt = subprocess.run(["iptables-legacy", "-V"], capture_output=True, text=True).stdout.strip()
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"{cpu}, {os.cpu_count()} cores, {mem_gb:.0f} GiB; Linux {platform.release()}; "
+            f"Python {platform.python_version()}; {ipt}; load average {load} at start; "
+            f"{datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}")
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        sys.exit("benchmarks need root (network namespaces): sudo tests/bench/run_all.sh")
