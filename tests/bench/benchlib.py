@@ -34,12 +34,30 @@ from nslab import Netns, sweep_run_prefix, veth, wait_for  # noqa: E402
 VENV_BIN = REPO / ".venv" / "bin"
 PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
 TAGROUTECTL = [PYTHON, "-m", "tagrouted.cli"]
-TAGROUTED = [PYTHON, "-c", "import sys; from tagrouted.daemon_main import main; sys.exit(main())"]
+TAGROUTED = ([str(VENV_BIN / "tagrouted")] if (VENV_BIN / "tagrouted").exists()
+             else [PYTHON, "-c", "import sys; from tagrouted.daemon_main import main; sys.exit(main())"])
 RECIPE_UP = BENCH / "recipe_up.sh"
 
-__all__ = ["BENCH", "PYTHON", "RECIPE_UP", "REPO", "TAGROUTECTL", "TAGROUTED", "Netns",
-           "gateway_config", "machine_line", "ms", "print_table", "stats", "sweep_run_prefix",
-           "veth", "vpn_client_config", "wait_for"]
+__all__ = [
+    "BENCH",
+    "PYTHON",
+    "RECIPE_UP",
+    "REPO",
+    "TAGROUTECTL",
+    "TAGROUTED",
+    "Daemon",
+    "Netns",
+    "daemon_available",
+    "gateway_config",
+    "machine_line",
+    "ms",
+    "print_table",
+    "stats",
+    "sweep_run_prefix",
+    "veth",
+    "vpn_client_config",
+    "wait_for",
+]
 
 
 # ---- configs -------------------------------------------------------------------------------
@@ -83,6 +101,90 @@ def vpn_client_config(n: int = 2, *, tun: str = "tun0", lan: str = "eth0",
     if resync:
         lines.append(f"resync_interval: {resync}")
     return "\n".join(lines) + "\n"
+
+
+class Daemon:
+    """One `tagrouted` in a namespace of ours: JSON records on stderr into a file, ended by PID.
+
+    `ip netns exec` execs the daemon in place, so the Popen PID is the daemon's own (its CPU
+    time and RSS are read from /proc/PID)."""
+
+    def __init__(self, ns: Netns, config: Path, run_dir: Path, log: Path,
+                 env: dict[str, str] | None = None) -> None:
+        self.ns, self.config, self.run_dir, self.log = ns, config, run_dir, log
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        full_env = {**os.environ, "TAGROUTED_LOG_JSON": "1", "PYTHONDONTWRITEBYTECODE": "1",
+                    **(env or {})}
+        self._log_file = open(log, "ab")  # noqa: SIM115 - lives as long as the daemon
+        self.proc = ns.popen([*TAGROUTED, "--config", str(config), "--run-dir", str(run_dir)],
+                             stdout=subprocess.DEVNULL, stderr=self._log_file, env=full_env)
+        self.pid = self.proc.pid
+
+    def request(self, command: str, timeout: float = 60) -> dict[str, Any]:
+        from tagrouted.control import request  # stdlib only: no kernel library in this process
+
+        return request(str(self.run_dir), {"command": command}, timeout=timeout)
+
+    def wait_ready(self, timeout: float = 60) -> dict[str, Any]:
+        """Until `status` answers and says the first converge is done and in sync."""
+        from tagrouted.control import NoDaemon
+
+        def ready() -> dict[str, Any] | None:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tagrouted exited {self.proc.returncode}: {self.log_tail()}")
+            try:
+                status = self.request("status", timeout=5)["status"]
+            except NoDaemon:
+                return None
+            return status if status.get("in_sync") else None
+
+        return wait_for(ready, timeout=timeout, interval=0.05, what="tagrouted ready and in sync")
+
+    def records(self) -> list[dict[str, Any]]:
+        import json
+
+        out = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                out.append({"MESSAGE": line, "PRIORITY": 3, "LEVEL": "RAW"})
+        return out
+
+    def log_tail(self, n: int = 20) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the daemon so far (all its threads)."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self) -> int | None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self._log_file.close()
+        return self.proc.returncode
+
+
+def daemon_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tagrouted.daemon_main") is not None
 
 
 def gateway_host(name: str) -> tuple[Netns, Netns]:
