@@ -92,7 +92,6 @@ _PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "ipv6-icmp", 47: "gre", 50: 
                 132: "sctp", 136: "udplite"}
 _XT_HEADER = 32        # struct xt_entry_match / xt_entry_target: u16 size, char name[29], u8 revision
 _NAME_LEN = 29
-_KEYS_MAX = 16384      # remembered kernel entry -> key translations per family
 
 
 class IptablesError(Exception):
@@ -287,9 +286,6 @@ class _Family:
         self.ip_size = ct.sizeof(self.ip_cls)
         self.entry_size = X.xt_align(ct.sizeof(self.entry_cls))
         self.off_target = self.entry_cls.target_offset.offset
-        self.off_comefrom = self.entry_cls.comefrom.offset
-        self.off_after_counters = self.entry_cls.counters.offset + ct.sizeof(X.xt_counters)
-        self.kernel_keys: dict[tuple[bytes, str], tuple[bool, bytes]] = {}
         f = self.ip_cls
         self.off = {name: getattr(f, name).offset for name in (
             "src", "dst", "smsk", "dmsk", "iniface", "outiface", "iniface_mask", "outiface_mask",
@@ -297,15 +293,13 @@ class _Family:
         _registry().module("target", "standard", self.nfproto)
         self.usersize: dict[tuple[str, bytes, int], int] = {}
 
-    def data_usersize(self, kind: str, name: bytes, revision: int, data_len: int) -> int:
-        """Bytes of an extension's data that userspace owns (the kernel may keep state after)."""
-        key = (kind, name, revision)
-        size = self.usersize.get(key)
-        if size is None:
-            module = _registry().module(kind, name.decode(errors="replace"), self.nfproto)
-            size = module.userspacesize if module is not None and module.revision == revision else -1
-            self.usersize[key] = size
-        return data_len if size < 0 else min(size, data_len)
+    def data_usersize(self, kind: str, name: bytes, revision: int) -> int:
+        """How many bytes of an extension's data userspace owns (the kernel may keep private
+        state after them), or -1 when unknown (then all of it counts)."""
+        module = _registry().module(kind, name.decode(errors="replace"), self.nfproto)
+        size = int(module.userspacesize) if module is not None and module.revision == revision else -1
+        self.usersize[(kind, name, revision)] = size
+        return size
 
 
 @functools.cache
@@ -325,30 +319,42 @@ def _split_name(raw: bytes) -> bytes:
     return raw.split(b"\0", 1)[0]
 
 
+_HEADER = struct.Struct("H29sB")
+_U16 = struct.Struct("H")
+
+
 def _entry_key(fam: _Family, e: bytes, target_name: str, standard: bool) -> bytes:
-    """The bytes of an entry that decide what it does: the ip header, each extension's header
-    and userspace data, and the target (by name for standard verdicts and jumps, which libiptc
-    rewrites into offsets). Counters, comefrom and kernel-private bytes are left out."""
+    """The bytes of an entry that decide what it does: the ip header, each extension's size,
+    name, revision and userspace data, and the target (by name for verdicts and jumps, which
+    libiptc turns into offsets). Left out: counters, comefrom, kernel-private data, and the
+    bytes after each name's NUL (the kernel never writes them: libiptc's heap shows through)."""
     parts = [e[:fam.ip_size]]
-    target_offset = struct.unpack_from("H", e, fam.off_target)[0]
+    target_offset = _U16.unpack_from(e, fam.off_target)[0]
     off = fam.entry_size
+    usersize = fam.usersize
     while off < target_offset:
-        size, raw_name, rev = struct.unpack_from("H29sB", e, off)
+        size, raw_name, rev = _HEADER.unpack_from(e, off)
         if size < _XT_HEADER:
             parts.append(b"!" + e[off:target_offset])
             break
-        name = _split_name(raw_name)
-        n = fam.data_usersize("match", name, rev, size - _XT_HEADER)
-        parts.append(struct.pack("H29sB", size, name, rev) + e[off + _XT_HEADER: off + _XT_HEADER + n])
+        name = raw_name.split(b"\0", 1)[0]
+        n = usersize.get(("match", name, rev))
+        if n is None:
+            n = fam.data_usersize("match", name, rev)
+        data = e[off + _XT_HEADER: off + size] if n < 0 else e[off + _XT_HEADER: off + _XT_HEADER + n]
+        parts += (_HEADER.pack(size, name, rev), data)
         off += size
     if standard:
         parts.append(b"S" + target_name.encode())
     else:
-        size, raw_name, rev = struct.unpack_from("H29sB", e, target_offset)
-        name = _split_name(raw_name)
-        n = fam.data_usersize("target", name, rev, size - _XT_HEADER)
-        parts.append(b"M" + struct.pack("H29sB", size, name, rev)
-                     + e[target_offset + _XT_HEADER: target_offset + _XT_HEADER + n])
+        size, raw_name, rev = _HEADER.unpack_from(e, target_offset)
+        name = raw_name.split(b"\0", 1)[0]
+        n = usersize.get(("target", name, rev))
+        if n is None:
+            n = fam.data_usersize("target", name, rev)
+        start = target_offset + _XT_HEADER
+        data = e[start: target_offset + size] if n < 0 else e[start: start + n]
+        parts += (b"M", _HEADER.pack(size, name, rev), data)
     return b"".join(parts)
 
 
@@ -783,24 +789,15 @@ class _Handle:
         """(position, rule) of each rule of `chain`, or of the positions in `only`."""
         out = []
         fam, lib, h = self.fam, self.lib, self.h
-        keys = fam.kernel_keys
         p = lib.iptc_first_rule(chain.encode(), h)
         pos = 0
         while p:
             if only is None or pos in only:
                 e = ct.string_at(p, p.contents.next_offset)
                 target = (lib.iptc_get_target(p, h) or b"").decode()
-                # The key ignores counters and kernel-private bytes: remember it per entry as
-                # read (minus counters), so a rule is taken apart once, not on every sync.
-                raw = (e[:fam.off_comefrom] + e[fam.off_after_counters:], target)
-                hit = keys.get(raw)
-                if hit is None:
-                    toff = struct.unpack_from("H", e, fam.off_target)[0]
-                    standard = _split_name(e[toff + 2: toff + 2 + _NAME_LEN]) == b""
-                    if len(keys) >= _KEYS_MAX:
-                        keys.clear()
-                    hit = keys[raw] = (standard, _entry_key(fam, e, target, standard))
-                out.append((pos, _KRule(e, target, hit[0], hit[1])))
+                toff = _U16.unpack_from(e, fam.off_target)[0]
+                standard = e[toff + 2] == 0  # libiptc keeps verdicts and jumps nameless
+                out.append((pos, _KRule(e, target, standard, _entry_key(fam, e, target, standard))))
             p = lib.iptc_next_rule(p, h)
             pos += 1
         return out
