@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import select
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -38,90 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as B
 
 GOAL_P99 = 0.020
-TABLE = 42
-RTM_NEWLINK, RTM_NEWROUTE = 16, 24
-NLM_F_REQUEST, NLM_F_ACK = 1, 4
-NLMSG_ERROR = 2
-RTMGRP_IPV4_ROUTE = 0x40
-IFF_UP = 1
-RTA_OIF, RTA_TABLE = 4, 15
-RTN_UNICAST = 1
+TABLE = B.TABLE
 MIN_HOOK = "ip route add default dev tun0 table 42 && sysctl -qw net.ipv4.conf.tun0.rp_filter=0"
-
-
-# ---- raw netlink, inside the namespace -------------------------------------------------------
-
-class Rtnl:
-    """Two NETLINK_ROUTE sockets: one to set links (with ack), one subscribed to IPv4 routes."""
-
-    def __init__(self) -> None:
-        self.cmd = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-        self.cmd.bind((0, 0))
-        self.events = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-        self.events.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        self.events.bind((0, RTMGRP_IPV4_ROUTE))
-        self.events.setblocking(False)
-        self.seq = 0
-
-    def set_up(self, index: int, up: bool) -> None:
-        self.seq += 1
-        body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, IFF_UP if up else 0, IFF_UP)
-        self.cmd.send(struct.pack("=LHHLL", 16 + len(body), RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK,
-                                  self.seq, 0) + body)
-        data = self.cmd.recv(65536)
-        _, mtype, _, _, _ = struct.unpack_from("=LHHLL", data)
-        if mtype == NLMSG_ERROR:
-            err = struct.unpack_from("=i", data, 16)[0]
-            if err:
-                raise OSError(-err, f"set link {index} {'up' if up else 'down'}")
-
-    def drain(self) -> None:
-        while True:
-            try:
-                self.events.recv(1 << 16)
-            except BlockingIOError:
-                return
-
-    def route_added(self, oif: int, timeout: float) -> bool:
-        """Whether RTM_NEWROUTE of table 42 `default dev <oif>` arrives within `timeout`."""
-        deadline = time.perf_counter() + timeout
-        while True:
-            left = deadline - time.perf_counter()
-            if left <= 0:
-                return False
-            ready, _, _ = select.select([self.events], [], [], left)
-            if not ready:
-                return False
-            try:
-                data = self.events.recv(1 << 16)
-            except BlockingIOError:
-                continue
-            if _has_route(data, oif):
-                return True
-
-
-def _has_route(data: bytes, oif: int) -> bool:
-    off = 0
-    while off + 16 <= len(data):
-        length, mtype = struct.unpack_from("=LH", data, off)
-        if length < 16:
-            return False
-        if mtype == RTM_NEWROUTE:
-            family, dst_len, _, _, table, _, _, rtype = struct.unpack_from("=8B", data, off + 16)
-            attrs: dict[int, int] = {}
-            a = off + 28
-            while a + 4 <= off + length:
-                alen, atype = struct.unpack_from("=HH", data, a)
-                if alen < 4:
-                    break
-                if atype in (RTA_OIF, RTA_TABLE) and alen >= 8:
-                    attrs[atype] = struct.unpack_from("=I", data, a + 4)[0]
-                a += (alen + 3) & ~3
-            if (family == socket.AF_INET and dst_len == 0 and rtype == RTN_UNICAST
-                    and attrs.get(RTA_TABLE, table) == TABLE and attrs.get(RTA_OIF) == oif):
-                return True
-        off += (length + 3) & ~3
-    return False
 
 
 def _rp_filter(tun: str) -> str | None:
@@ -141,7 +57,7 @@ def _route_present(tun: str) -> bool:
 def flap_trials(mode: str, flaps: int, gap: float, hook: list[str] | None,
                 rp_value: str, tun: str = "tun0") -> dict[str, Any]:
     """Runs inside the namespace: `flaps` times down (or recreate) -> rest -> up -> measure."""
-    nl = Rtnl()
+    nl = B.Rtnl()
     times: list[float] = []
     misses = 0
     hook_env = {**os.environ, "TUN": tun, "LAN_IF": "eth0"}

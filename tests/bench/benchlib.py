@@ -14,7 +14,10 @@ import datetime
 import math
 import os
 import platform
+import select
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -264,3 +267,134 @@ def timed(fn: Callable[[], Any]) -> float:
 def require_root() -> None:
     if os.geteuid() != 0:
         sys.exit("benchmarks need root (network namespaces): sudo tests/bench/run_all.sh")
+
+
+# ---- raw rtnetlink (used inside a namespace: Netns.call children) ----------------------------
+# Plain AF_NETLINK sockets, no pyroute2: a measuring process must add no more than a syscall
+# between its clock and the kernel, and must read events from its own subscribed socket.
+
+TABLE, MARK, PRIORITY = 42, 42, 1042
+RTM_NEWLINK, RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWRULE, RTM_DELRULE = 16, 24, 25, 32, 33
+NLM_F_REQUEST, NLM_F_ACK = 1, 4
+NLMSG_ERROR = 2
+RTMGRP_IPV4_ROUTE, RTMGRP_IPV4_RULE = 0x40, 0x80
+IFF_UP = 1
+RTA_OIF, RTA_PRIORITY, RTA_TABLE = 4, 6, 15
+FRA_PRIORITY, FRA_FWMARK, FRA_TABLE, FRA_FWMASK = 6, 10, 15, 16
+RTN_UNICAST = 1
+FR_ACT_TO_TBL = 1
+
+
+def _attr(kind: int, value: int) -> bytes:
+    return struct.pack("=HHI", 8, kind, value)
+
+
+class Rtnl:
+    """A command socket (requests with ack) and an event socket subscribed to IPv4 routes and
+    rules, bound before anything is measured."""
+
+    def __init__(self, groups: int = RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_RULE) -> None:
+        self.cmd = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        self.cmd.bind((0, 0))
+        self.events = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        self.events.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        self.events.bind((0, groups))
+        self.events.setblocking(False)
+        self.seq = 0
+
+    def close(self) -> None:
+        self.cmd.close()
+        self.events.close()
+
+    def _request(self, mtype: int, body: bytes, what: str) -> None:
+        self.seq += 1
+        self.cmd.send(struct.pack("=LHHLL", 16 + len(body), mtype, NLM_F_REQUEST | NLM_F_ACK,
+                                  self.seq, 0) + body)
+        data = self.cmd.recv(65536)
+        if struct.unpack_from("=LH", data)[1] == NLMSG_ERROR:
+            err = struct.unpack_from("=i", data, 16)[0]
+            if err:
+                raise OSError(-err, f"{what}: {os.strerror(-err)}")
+
+    def set_up(self, index: int, up: bool) -> None:
+        body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, IFF_UP if up else 0, IFF_UP)
+        self._request(RTM_NEWLINK, body, f"set link {index} {'up' if up else 'down'}")
+
+    def del_rule(self) -> None:
+        """`ip rule del fwmark 0x2a lookup 42 pref 1042` (ours, IPv4)."""
+        body = (struct.pack("=8BI", socket.AF_INET, 0, 0, 0, TABLE, 0, 0, FR_ACT_TO_TBL, 0)
+                + _attr(FRA_PRIORITY, PRIORITY) + _attr(FRA_FWMARK, MARK)
+                + _attr(FRA_FWMASK, 0xFFFFFFFF) + _attr(FRA_TABLE, TABLE))
+        self._request(RTM_DELRULE, body, "delete rule")
+
+    def del_route(self, oif: int) -> None:
+        """`ip route del default dev <oif> table 42` (the unicast one, not the unreachable)."""
+        body = (struct.pack("=8BI", socket.AF_INET, 0, 0, 0, TABLE, 0, 0, RTN_UNICAST, 0)
+                + _attr(RTA_TABLE, TABLE) + _attr(RTA_OIF, oif))
+        self._request(RTM_DELROUTE, body, "delete route")
+
+    def drain(self) -> None:
+        while True:
+            try:
+                self.events.recv(1 << 16)
+            except BlockingIOError:
+                return
+
+    def wait_event(self, match: Callable[[bytes], bool], timeout: float) -> bool:
+        """Whether a message for which `match(datagram)` is true arrives within `timeout`."""
+        deadline = time.perf_counter() + timeout
+        while True:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return False
+            ready, _, _ = select.select([self.events], [], [], left)
+            if not ready:
+                return False
+            try:
+                data = self.events.recv(1 << 16)
+            except BlockingIOError:
+                continue
+            if match(data):
+                return True
+
+    def route_added(self, oif: int, timeout: float) -> bool:
+        return self.wait_event(lambda d: any(_is_our_route(m, oif) for m in _messages(d, RTM_NEWROUTE)),
+                               timeout)
+
+    def rule_added(self, timeout: float) -> bool:
+        return self.wait_event(lambda d: any(_is_our_rule(m) for m in _messages(d, RTM_NEWRULE)), timeout)
+
+
+def _messages(data: bytes, mtype: int) -> Iterable[tuple[bytes, dict[int, int]]]:
+    """(fixed header, u32 attributes) of each message of `mtype` in one datagram."""
+    off = 0
+    while off + 16 <= len(data):
+        length, kind = struct.unpack_from("=LH", data, off)
+        if length < 16:
+            return
+        if kind == mtype:
+            fixed = data[off + 16: off + 28]
+            attrs: dict[int, int] = {}
+            a = off + 28
+            while a + 4 <= off + length:
+                alen, atype = struct.unpack_from("=HH", data, a)
+                if alen < 4:
+                    break
+                if alen == 8:
+                    attrs[atype] = struct.unpack_from("=I", data, a + 4)[0]
+                a += (alen + 3) & ~3
+            yield fixed, attrs
+        off += (length + 3) & ~3
+
+
+def _is_our_route(msg: tuple[bytes, dict[int, int]], oif: int) -> bool:
+    fixed, attrs = msg
+    family, dst_len, _, _, table, _, _, rtype = struct.unpack_from("=8B", fixed)
+    return (family == socket.AF_INET and dst_len == 0 and rtype == RTN_UNICAST
+            and attrs.get(RTA_TABLE, table) == TABLE and attrs.get(RTA_OIF) == oif)
+
+
+def _is_our_rule(msg: tuple[bytes, dict[int, int]]) -> bool:
+    fixed, attrs = msg
+    return (fixed[0] == socket.AF_INET and attrs.get(FRA_PRIORITY) == PRIORITY
+            and attrs.get(FRA_FWMARK) == MARK and attrs.get(FRA_TABLE, fixed[4]) == TABLE)
