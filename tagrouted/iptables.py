@@ -852,7 +852,12 @@ def _open(fam: _Family, table: str) -> Iterator[_Handle]:
 def _xtables_lock() -> Iterator[None]:
     """The flock iptables-legacy takes on /run/xtables.lock, waited for up to LOCK_WAIT."""
     timeout = LOCK_WAIT
-    fd = os.open(LOCK_PATH, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(LOCK_PATH, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        # e.g. /run read-only (ProtectSystem=strict) and iptables never ran: without the lock a
+        # concurrent iptables -A could be lost, so refuse rather than write unlocked.
+        raise IptablesError(f"can't open {LOCK_PATH}: {e.strerror}") from None
     try:
         deadline = time.monotonic() + timeout
         pause = 0.001
@@ -919,9 +924,9 @@ def _views(fam: _Family, table: str, desired: tuple[OwnedChain, ...],
 
     Where a kernel entry equals the entry built for the desired rule at its position, both
     sides hold that rule as given; where they differ, both hold canonical forms (the desired
-    rule built and decoded, the kernel entry decoded). Chains of different lengths, chains the
-    kernel lacks and chains we no longer want differ whatever their rules say, so only the
-    kernel entries nobody built are decoded for them."""
+    rule built and decoded, the kernel entry decoded). Chains of different lengths and chains
+    the kernel lacks differ whatever their rules say: only kernel entries nobody built are
+    decoded for them. Chains we no longer want are removed unread (their rules left out)."""
     want: list[OwnedChain] = []
     todo: list[tuple[bytes, str, bool, bytes]] = []
     # kernel chain -> per position: the FirewallRule, or the key to decode
@@ -949,10 +954,9 @@ def _views(fam: _Family, table: str, desired: tuple[OwnedChain, ...],
                 staged[c.name].append(k.key)
                 todo.append((k.entry, k.target, k.standard, k.key))
         want.append(OwnedChain(c.family, c.table, c.builtin, tuple(w)))
-    for name, rules in obs.chains.items():
+    for name in obs.chains:
         if name not in staged:
-            staged[name] = [k.key for k in rules]
-            todo += [(k.entry, k.target, k.standard, k.key) for k in rules]
+            staged[name] = []  # a chain we remove: its rules are not compared, so not decoded
     decoded = dict(zip((item[3] for item in todo), _decode_keys(fam, todo), strict=True))
     kernel_chains = {name: tuple(decoded[x] if isinstance(x, bytes) else x for x in rules)
                      for name, rules in staged.items()}
