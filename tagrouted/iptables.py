@@ -90,6 +90,7 @@ _PROTO_NUMBERS = {"all": 0, "icmp": 1, "tcp": 6, "udp": 17, "gre": 47, "esp": 50
                   "ipv6-icmp": 58, "icmpv6": 58, "sctp": 132, "udplite": 136}
 _PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "ipv6-icmp", 47: "gre", 50: "esp", 51: "ah",
                 132: "sctp", 136: "udplite"}
+_MFD_EXEC = 0x10       # memfd_create(2): the copy may be mapped executable (Linux >= 6.3)
 _XT_HEADER = 32        # struct xt_entry_match / xt_entry_target: u16 size, char name[29], u8 revision
 _NAME_LEN = 29
 
@@ -140,7 +141,7 @@ class _Lib:
 
     path: str
     families: set[int] = field(default_factory=set)  # NFPROTO values whose variants are registered
-    unspec: bool = False  # registers NFPROTO_UNSPEC variants: calling its init again corrupts lists
+    unspec: bool = False  # registered family-neutral variants: a copy would register them twice
 
 
 class _Registry:
@@ -216,13 +217,20 @@ class _Registry:
         # a new object with fresh structs: its constructor registers this family's variants.
         # The memfd stays open: dlopen knows objects by path, and a reused descriptor number
         # would hand back the previous copy without running its constructor.
-        fd = os.memfd_create(os.path.basename(path), os.MFD_CLOEXEC)
-        with open(path, "rb") as f:
-            data = memoryview(f.read())
-        while data:
-            data = data[os.write(fd, data):]
-        self.handles.append((fd, ct.CDLL(f"/proc/self/fd/{fd}")))
-        lib.families.add(nfproto)
+        lib.families.add(nfproto)  # one attempt per family
+        try:
+            try:  # MFD_EXEC: kernels with vm.memfd_noexec would seal it non-executable
+                fd = os.memfd_create(os.path.basename(path), os.MFD_CLOEXEC | _MFD_EXEC)
+            except OSError:  # kernels before 6.3 know no MFD_EXEC
+                fd = os.memfd_create(os.path.basename(path), os.MFD_CLOEXEC)
+            with open(path, "rb") as f:
+                data = memoryview(f.read())
+            while data:
+                data = data[os.write(fd, data):]
+            self.handles.append((fd, ct.CDLL(f"/proc/self/fd/{fd}")))
+        except OSError as e:
+            log.warning("can't load a copy of %s for %s rules: %s", path,
+                        "IPv4" if nfproto == X.NFPROTO_IPV4 else "IPv6", e)
 
     def module(self, kind: str, name: str, nfproto: int) -> Any:
         """The xtables_match / xtables_target struct for `name`, or None if unavailable."""
