@@ -294,6 +294,27 @@ def test_repairs_tampering(host: Netns, tamper: str) -> None:
     assert host.call(iptables.sync_table, family, table, KINDS[family][table]) == []
 
 
+@pytest.mark.parametrize("family", [4, 6])
+def test_rules_it_cannot_represent_are_read_and_rewritten(host: Netns, family: int) -> None:
+    """A goto, a fragment flag, inverted fields, an extension we never write: read as some rule
+    that equals nothing desired, shown in read_table, and replaced by the desired chain."""
+    host.call(sync_all, KINDS)
+    good = save(host, family, "filter")
+    ipt(host, family, "-N OTHER")
+    weird = "-f ! -s 10.9.9.9/32 -g OTHER" if family == 4 else "! -i eth1 ! -s fd09::9/128 -g OTHER"
+    ipt(host, family, f"-I TAGROUTED-FORWARD 2 {weird}")
+    ipt(host, family, "-I TAGROUTED-FORWARD 3 -m limit --limit 5/sec -m tcpmss --mss 1:500 -p tcp -j LOG")
+    seen = host.call(iptables.read_table, family, "filter")
+    rules = seen.chains["TAGROUTED-FORWARD"]
+    desired = KINDS[family]["filter"][0].rules
+    assert len(rules) == len(desired) + 2 and rules[1] not in desired and rules[2] not in desired
+    assert rules[2].target == "LOG" and [m.name for m in rules[2].matches] == ["limit", "tcpmss"]
+    changes = host.call(iptables.sync_table, family, "filter", KINDS[family]["filter"])
+    assert [c.action for c in changes] == ["replaced"]
+    after = save(host, family, "filter")
+    assert ours(after) == ours(good) and ":OTHER - [0:0]" in after
+
+
 def test_chain_dropped_from_desired_goes_with_its_jump(host: Netns) -> None:
     host.call(sync_all, KINDS)
     fewer = {**KINDS, 4: {**KINDS[4], "mangle": KINDS[4]["mangle"][:1]}}
