@@ -329,7 +329,8 @@ class Rtnl:
 
     def del_route(self, oif: int) -> None:
         """`ip route del default dev <oif> table 42` (the unicast one, not the unreachable)."""
-        body = (struct.pack("=8BI", socket.AF_INET, 0, 0, 0, TABLE, 0, 0, RTN_UNICAST, 0)
+        # scope RT_SCOPE_NOWHERE (255): any scope matches (a dev route is scope link)
+        body = (struct.pack("=8BI", socket.AF_INET, 0, 0, 0, TABLE, 0, 255, RTN_UNICAST, 0)
                 + _attr(RTA_TABLE, TABLE) + _attr(RTA_OIF, oif))
         self._request(RTM_DELROUTE, body, "delete route")
 

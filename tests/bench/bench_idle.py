@@ -1,0 +1,149 @@
+"""Idle cost and memory: what the daemon costs a host while nothing happens, and whether tunnel
+flaps make it grow.
+
+1. Idle: a gateway with 10 services at the default resync_interval; after the first converge
+   and a short settle, the daemon's CPU time (utime + stime from /proc/PID/stat, all threads)
+   over --idle seconds, as a share of one core, and its RSS (sampled every second).
+   Goals: <= 0.5 % of one core, <= 50 MB.
+2. Flaps: a vpn-client daemon; its RSS before any flap, after the first 100 (warm: caches,
+   first-use allocations) and after --flaps down/up cycles of tun0 (each waits until table 42
+   routes via tun0 again, so every flap is a full pass). Goal: growth <= 2 MB.
+
+    sudo .venv/bin/python tests/bench/bench_idle.py [--idle 120] [--flaps 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib as B
+
+GOAL_CPU = 0.005
+GOAL_RSS = 50 * 2**20
+GOAL_GROWTH = 2 * 2**20
+SETTLE = 5.0
+
+
+def flap(n: int) -> int:
+    """Inside the namespace: n down/up cycles of tun0, each until the daemon routed it again."""
+    nl = B.Rtnl()
+    index = socket.if_nametoindex("tun0")
+    missed = 0
+    for _ in range(n):
+        nl.set_up(index, False)
+        time.sleep(random.uniform(0.002, 0.01))
+        nl.drain()
+        nl.set_up(index, True)
+        if not nl.route_added(index, timeout=5):
+            missed += 1
+    nl.close()
+    return missed
+
+
+def idle(seconds: float, tmp: Path) -> dict[str, Any]:
+    ns, peer = B.gateway_host("idle")
+    daemon = None
+    try:
+        config = tmp / "gateway-10.yaml"
+        config.write_text(B.gateway_config(10))
+        daemon = B.Daemon(ns, config, tmp / "run-idle", tmp / "idle.log")
+        daemon.wait_ready()
+        time.sleep(SETTLE)
+        rss: list[int] = []
+        cpu0, t0 = daemon.cpu_seconds(), time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            rss.append(daemon.rss_bytes())
+            time.sleep(1)
+        cpu1, t1 = daemon.cpu_seconds(), time.monotonic()
+        status = daemon.request("status")["status"]
+        return {"cpu": (cpu1 - cpu0) / (t1 - t0), "rss_max": max(rss), "rss_end": rss[-1],
+                "seconds": t1 - t0, "passes": status.get("passes"), "repairs": status.get("repairs")}
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        ns.delete()
+        peer.delete()
+
+
+def flaps(n: int, tmp: Path) -> dict[str, Any]:
+    ns = B.Netns("flaps")
+    peer = B.Netns("flaps-peer")
+    daemon = None
+    try:
+        B.veth(ns, "eth0", peer, "eth1")
+        ns.run("ip tuntap add dev tun0 mode tun")
+        ns.run("ip link set tun0 up")
+        config = tmp / "vpn-client.yaml"
+        config.write_text(B.vpn_client_config(2))
+        daemon = B.Daemon(ns, config, tmp / "run-flaps", tmp / "flaps.log")
+        daemon.wait_ready()
+        time.sleep(1)
+        before = daemon.rss_bytes()
+        t0 = time.monotonic()
+        missed = ns.call(flap, 100, timeout=600)
+        time.sleep(1)
+        warm = daemon.rss_bytes()
+        missed += ns.call(flap, n - 100, timeout=3600)
+        elapsed = time.monotonic() - t0
+        daemon.wait_ready()
+        time.sleep(1)
+        after = daemon.rss_bytes()
+        errors = [r for r in daemon.records() if int(r.get("PRIORITY", 6)) <= 3]
+        return {"before": before, "warm": warm, "after": after, "missed": missed,
+                "elapsed": elapsed, "errors": len(errors)}
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        ns.delete()
+        peer.delete()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--idle", type=float, default=120)
+    ap.add_argument("--flaps", type=int, default=2000)
+    args = ap.parse_args()
+    B.require_root()
+    print(f"# bench_idle: {B.machine_line()}")
+    if not B.daemon_available():
+        print("# tagrouted daemon not installed (tagrouted.daemon_main): nothing to measure")
+        return 0
+    mb = 2**20
+    with tempfile.TemporaryDirectory(prefix="tgr-bench-idle-") as tmpdir:
+        try:
+            i = idle(args.idle, Path(tmpdir))
+            f = flaps(max(args.flaps, 101), Path(tmpdir))
+        finally:
+            B.sweep_run_prefix()
+    B.print_table(f"Idle: gateway, 10 services, resync_interval 2 s, {i['seconds']:.0f} s",
+                  ["measure", "value", "goal"], [
+                      ["CPU, share of one core", f"{i['cpu'] * 100:.2f} %", f"<= {GOAL_CPU * 100:.1f} %"],
+                      ["RSS, max over the run", f"{i['rss_max'] / mb:.1f} MB", f"<= {GOAL_RSS / mb:.0f} MB"],
+                      ["RSS at the end", f"{i['rss_end'] / mb:.1f} MB", ""],
+                      ["passes / repairs (status)", f"{i['passes']} / {i['repairs']}", ""],
+                  ])
+    B.print_table(f"Memory across tunnel flaps: vpn-client, {max(args.flaps, 101)} down/up cycles "
+                  f"in {f['elapsed']:.0f} s",
+                  ["measure", "value", "goal"], [
+                      ["RSS before any flap", f"{f['before'] / mb:.1f} MB", ""],
+                      ["RSS after 100 flaps (warm)", f"{f['warm'] / mb:.1f} MB", ""],
+                      [f"RSS after {max(args.flaps, 101)} flaps", f"{f['after'] / mb:.1f} MB", ""],
+                      ["growth vs before", f"{(f['after'] - f['before']) / mb:+.2f} MB",
+                       f"<= {GOAL_GROWTH / mb:.0f} MB"],
+                      ["growth vs warm", f"{(f['after'] - f['warm']) / mb:+.2f} MB", ""],
+                      ["flaps not routed again within 5 s", str(f["missed"]), "0"],
+                      ["error records in the log", str(f["errors"]), "0"],
+                  ])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
