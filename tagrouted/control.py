@@ -1,0 +1,278 @@
+"""The control socket: RUN_DIR/tagrouted.sock, one JSON line in, one JSON line out.
+
+Owns the socket file and its protocol, both ends: the server the daemon runs (`ControlServer`)
+and the client `tagroutectl status|reload` uses (`request`, `format_status`). Stdlib only, so
+`tagroutectl status` never loads pyroute2 or libiptc. Never touches the kernel: the server
+hands each request to a callback of the daemon, which answers status from the worker's last
+published snapshot and reload by waiting for the worker.
+
+Rules of the socket:
+- AF_UNIX stream, created under umask 0177 so it is 0600 from its first instant (no chmod
+  race), and the peer's SO_PEERCRED uid must be 0: anyone else gets an error reply.
+- A request is one line of at most MAX_LINE bytes, read within CLIENT_TIMEOUT seconds; garbage,
+  an oversized line or a silent client gets a clear error reply (or is dropped) and the daemon
+  goes on. At most MAX_CLIENTS connections are served at once.
+- Replies: {"ok": true, ...} or {"ok": false, "error": "..."} for a refused request;
+  reload answers {"ok": false, "errors": [config problems]} when the file is rejected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+SOCKET_NAME = "tagrouted.sock"
+MAX_LINE = 64 * 1024
+CLIENT_TIMEOUT = 5.0
+MAX_CLIENTS = 8
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class NoDaemon(Exception):
+    """Nobody answers on the run directory's control socket (exit 3 in tagroutectl)."""
+
+
+class Refused(NoDaemon):
+    """The daemon answered with a refusal (not root, malformed request)."""
+
+
+def socket_path(run_dir: str) -> str:
+    return os.path.join(run_dir, SOCKET_NAME)
+
+
+# ---- client ----------------------------------------------------------------------------------
+
+def request(run_dir: str, payload: dict[str, Any], timeout: float = 5) -> dict[str, Any]:
+    """Send one request to the daemon of `run_dir` and return its reply.
+
+    Raises NoDaemon when no daemon listens there (no socket, a stale socket, no answer within
+    `timeout`), Refused when the daemon refuses the request."""
+    path = socket_path(run_dir)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except FileNotFoundError:
+            raise NoDaemon(f"no control socket at {path}") from None
+        except ConnectionRefusedError:
+            raise NoDaemon(f"nothing listens on {path} (a stale socket)") from None
+        except PermissionError:
+            raise NoDaemon(f"permission denied on {path}: only root may use it") from None
+        except TimeoutError:
+            raise NoDaemon(f"{path} did not accept within {timeout:g}s") from None
+        except OSError as e:
+            raise NoDaemon(f"cannot connect to {path}: {e.strerror or e}") from None
+        try:
+            sock.sendall(json.dumps(payload).encode() + b"\n")
+            data = _read_line(sock, MAX_LINE * 64)
+        except TimeoutError:
+            raise NoDaemon(f"no answer on {path} within {timeout:g}s") from None
+        except OSError as e:
+            raise NoDaemon(f"{path}: {e.strerror or e}") from None
+    finally:
+        sock.close()
+    if not data:
+        raise NoDaemon(f"{path} closed the connection without an answer")
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise NoDaemon(f"{path} answered something that is not JSON") from None
+    if not isinstance(reply, dict):
+        raise NoDaemon(f"{path} answered something that is not a JSON object")
+    if "error" in reply and not reply.get("ok"):
+        raise Refused(f"the daemon refused the request: {reply['error']}")
+    return reply
+
+
+def _read_line(sock: socket.socket, limit: int) -> bytes:
+    """Bytes up to the first newline (excluded) or EOF; ValueError past `limit`."""
+    buf = bytearray()
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return bytes(buf)
+        nl = chunk.find(b"\n")
+        if nl >= 0:
+            buf += chunk[:nl]
+            return bytes(buf)
+        buf += chunk
+        if len(buf) > limit:
+            raise ValueError(f"line longer than {limit} bytes")
+
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "never"
+    return datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """The status snapshot as a person reads it (tagroutectl status)."""
+    lines = [f"tagrouted {status.get('version', '?')}, pid {status.get('pid', '?')}, "
+             f"running since {_when(status.get('started'))}"]
+
+    def row(label: str, value: object) -> None:
+        lines.append(f"{label + ':':<13} {value}")
+
+    row("config", status.get("config", "?"))
+    row("roles", ", ".join(status.get("roles") or []) or "none")
+    tun = status.get("tunnel_interface")
+    if tun:
+        row("tunnel", f"{tun} {'up' if status.get('tunnel_up') else 'down'}")
+    if not status.get("ready"):
+        row("in sync", "not yet: the first converge has not succeeded")
+    else:
+        row("in sync", "yes" if status.get("in_sync") else "no")
+    last = status.get("last_converge") or {}
+    if last:
+        row("last pass", f"{_when(last.get('time'))} ({last.get('reason', '?')}, "
+                         f"{last.get('duration_ms', 0):.1f} ms, {last.get('changes', 0)} changes)")
+    change = status.get("last_change") or {}
+    row("last change", f"{_when(change.get('time'))}: {change['message']}" if change else "none")
+    row("repairs", status.get("repairs", 0))
+    err = status.get("last_error")
+    if err:
+        row("last error", f"{_when(err.get('time'))}: {err.get('message')}")
+    else:
+        row("last error", "none")
+    for problem in status.get("config_errors") or []:
+        lines.append(f"  rejected:   {problem}")
+    services = status.get("services") or []
+    if services:
+        lines.append("services:")
+        width = max(len(s.get("name", "")) for s in services)
+        for s in services:
+            counters = ("-" if s.get("packets") is None
+                        else f"{s['packets']} packets, {s['bytes']} bytes")
+            lines.append(f"  {s.get('name', ''):<{width}}  {s.get('proto', '')}/{s.get('port', '')}"
+                         f" -> {s.get('address', '')}  {counters}")
+    return "\n".join(lines)
+
+
+# ---- server ----------------------------------------------------------------------------------
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class AlreadyRunning(Exception):
+    """A live daemon answers on this run directory's socket."""
+
+
+class ControlServer:
+    """Accepts on RUN_DIR/tagrouted.sock in its own thread; one short thread per client."""
+
+    def __init__(self, run_dir: str, handler: Handler, log: Any) -> None:
+        self.path = socket_path(run_dir)
+        self.handler = handler
+        self.log = log
+        self._sock: socket.socket | None = None
+        self._ino: int | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
+
+    def bind(self) -> None:
+        """Create the socket (replacing a stale one); AlreadyRunning if a daemon answers."""
+        if os.path.exists(self.path) or os.path.islink(self.path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            probe.settimeout(1)
+            try:
+                probe.connect(self.path)
+            except OSError:
+                pass  # nobody listens: a crashed daemon's socket
+            else:
+                raise AlreadyRunning(f"another tagrouted answers on {self.path}")
+            finally:
+                probe.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)  # 0600 from the first instant
+        try:
+            sock.bind(self.path)
+        finally:
+            os.umask(old)
+        sock.listen(16)
+        sock.settimeout(0.5)  # the accept loop looks at the stop flag this often
+        self._sock = sock
+        self._ino = os.stat(self.path).st_ino
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        # Remove the file only if it is still ours (a successor may have replaced it).
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == self._ino:
+                os.unlink(self.path)
+
+    def _serve(self) -> None:
+        assert self._sock is not None
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError as e:
+                if self._stop.is_set():
+                    return
+                self.log.warning("control socket: accept failed: %s", e)
+                time.sleep(0.1)
+                continue
+            if not self._slots.acquire(blocking=False):
+                self._reply(conn, {"ok": False, "error": "busy: too many clients at once"})
+                conn.close()
+                continue
+            threading.Thread(target=self._client, args=(conn,), name="control-client", daemon=True).start()
+
+    def _client(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(CLIENT_TIMEOUT)
+            reply = self._answer(conn)
+            if reply is not None:
+                self._reply(conn, reply)
+        except Exception as e:  # a client must never take the server down
+            self.log.warning("control socket: %s: %s", type(e).__name__, e)
+        finally:
+            conn.close()
+            self._slots.release()
+
+    def _answer(self, conn: socket.socket) -> dict[str, Any] | None:
+        pid, uid, _gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        if uid != 0:
+            self.log.warning("control socket: refused uid %d (pid %d): root only", uid, pid)
+            return {"ok": False, "error": f"permission denied: uid {uid} is not root"}
+        try:
+            line = _read_line(conn, MAX_LINE)
+        except ValueError:
+            return {"ok": False, "error": f"request longer than {MAX_LINE} bytes"}
+        except TimeoutError:
+            return {"ok": False, "error": f"no complete request line within {CLIENT_TIMEOUT:g}s"}
+        try:
+            req = json.loads(line)
+        except ValueError:
+            return {"ok": False, "error": "request is not JSON"}
+        if not isinstance(req, dict) or not isinstance(req.get("command"), str):
+            return {"ok": False, "error": 'request must be a JSON object with a "command"'}
+        return self.handler(req)
+
+    @staticmethod
+    def _reply(conn: socket.socket, reply: dict[str, Any]) -> None:
+        with contextlib.suppress(OSError):
+            conn.sendall(json.dumps(reply, sort_keys=True).encode() + b"\n")

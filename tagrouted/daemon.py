@@ -1,0 +1,608 @@
+"""The scheduler: one reconcile worker fed by a one-slot, coalescing trigger.
+
+Owns the daemon's running state: the Config in use (the last good one), the Converger (so the
+pyroute2 socket and libiptc handles live in the worker thread only), the status snapshot the
+control socket serves, the reasons written into each change record, and what systemd is told.
+Never decides policy (desired.py) nor touches the kernel except through `Converger.converge`
+and the read-only counters.
+
+Threads and who may do what:
+- the worker (this module's `_work`) is the only thread that reads or writes the kernel;
+- everything else only pokes the Trigger with a cause and the parts to converge: the netlink
+  watcher (events.py), the config file watcher, the main thread (SIGHUP), the control socket
+  (reload also waits for the worker's answer; status reads the last published snapshot);
+- timers (periodic resync, retry after errors, the systemd watchdog) are deadlines of the
+  worker's wait, so a WATCHDOG=1 ping proves the worker loop itself is alive.
+
+Coalescing: a poke sets a due time (now + its gap: a few ms for netlink, longer for file
+events, none for reload/timers); every cause that arrives before the worker takes the slot
+joins the same pass. Link, address, route and rule events converge only ROUTING (rules,
+routes, sysctls); start, reload, the resync timer and a netlink overflow converge everything.
+Our own route/rule writes echo back as RTM_NEW* events: additions seen while a pass runs or
+just after it are dropped, deletions always poke (a repeat pass that finds nothing to do
+writes nothing, so echoes cannot loop).
+
+Reasons in the records (TAGROUTED_REASON): start (until the first pass succeeds), reload (a new
+config), resync (after lost netlink events), link (the desired state or a named interface
+changed), drift (nothing we were told about changed, yet the kernel differed: someone else
+changed it; logged as a warning and counted as a repair), stop (on_stop: remove).
+Errors: the pass keeps what it did, the error is logged (once per distinct message) and kept
+as last_error, and the pass is retried on a timer with doubling backoff up to
+resync_interval: health never waits for "something changed".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import __version__
+from .config import Config, ConfigError, load_config
+from .converge import ALL_PARTS, FIREWALL, ROUTING, Converger, ConvergeResult
+from .events import ConfigWatcher, NetlinkWatcher, NlEvent
+from .journal import Notifier, fields
+from .state import ROUTE_PROTO, Change, DesiredState, HostFacts
+
+log = logging.getLogger("tagrouted.daemon")
+
+NETLINK_GAP = 0.001    # s: gathers one burst of rtnetlink events into one pass
+FILE_GAP = 0.05        # s: an editor's write-rename-chmod sequence is one change
+ECHO_WINDOW = 0.25     # s after a pass in which RTM_NEW* of our table are our own echo
+FIRST_RETRY = 0.5      # s; doubles up to resync_interval
+RELOAD_WAIT = 55.0     # s a control client waits for its reload (tagroutectl allows 60)
+
+DRIFT_WHAT = {
+    "added": "it was missing",
+    "removed": "it was not ours to keep",
+    "replaced": "someone changed it",
+    "set": "someone changed it",
+}
+
+
+class ReloadWaiter:
+    """A control client waiting for the pass that handles its reload."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.reply: dict[str, Any] = {}
+
+    def resolve(self, reply: dict[str, Any]) -> None:
+        self.reply = reply
+        self.done.set()
+
+
+@dataclass
+class Work:
+    causes: set[str] = field(default_factory=set)
+    parts: set[str] = field(default_factory=set)
+    waiters: list[ReloadWaiter] = field(default_factory=list)
+    stop: bool = False
+
+
+class Trigger:
+    """The one slot: causes, parts and reload waiters accumulate until the worker takes them."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._work = Work()
+        self._due: float | None = None
+
+    def poke(self, cause: str, parts: frozenset[str] | set[str] = frozenset(), gap: float = 0.0,
+             waiter: ReloadWaiter | None = None) -> None:
+        with self._cond:
+            self._work.causes.add(cause)
+            self._work.parts |= set(parts)
+            if waiter is not None:
+                self._work.waiters.append(waiter)
+            due = time.monotonic() + gap
+            self._due = due if self._due is None else min(self._due, due)
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._work.stop = True
+            self._cond.notify()
+
+    def take(self, deadline: float | None) -> Work | None:
+        """The pending work once it is due; None when `deadline` comes first."""
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                if self._work.stop or (self._due is not None and now >= self._due):
+                    work, self._work, self._due = self._work, Work(), None
+                    if work.stop:
+                        self._work.stop = True  # stays stopped
+                    return work
+                until = self._due if self._due is not None else deadline
+                if deadline is not None and until is not None:
+                    until = min(until, deadline)
+                if until is not None and now >= until:
+                    return None
+                self._cond.wait(None if until is None else until - now)
+
+
+@dataclass
+class _Snapshot:
+    """What the worker knows, published as a dict for the control socket."""
+
+    ready: bool = False
+    in_sync: bool = False
+    passes: int = 0
+    repairs: int = 0
+    last_converge: dict[str, Any] | None = None
+    last_change: dict[str, Any] | None = None
+    last_error: dict[str, Any] | None = None
+    tunnel_up: bool | None = None
+    counters: dict[str, tuple[int, int] | None] = field(default_factory=dict)
+
+
+def tunnel_interface(config: Config) -> str | None:
+    if config.vpn_client:
+        return config.vpn_client.tunnel_interface
+    if config.service and config.service.tunnel_interface:
+        return config.service.tunnel_interface
+    if config.vpn_server:
+        return config.vpn_server.tunnel_interface
+    return None
+
+
+def named_interfaces(config: Config) -> set[str]:
+    names = {tunnel_interface(config)}
+    if config.gateway:
+        names.add(config.gateway.public_interface)
+    if config.vpn_server:
+        names.add(config.vpn_server.uplink_interface)
+    if config.vpn_client:
+        names.add(config.vpn_client.lan_interface)
+    return {n for n in names if n}
+
+
+def _link_state(facts: HostFacts, names: set[str]) -> dict[str, tuple[int, bool] | None]:
+    """(ifindex, up) of each interface the config names: a tunnel recreated under the same
+    name is a link change even when the desired state reads the same."""
+    out: dict[str, tuple[int, bool] | None] = {}
+    for name in sorted(names):
+        link = facts.link(name)
+        out[name] = (link.index, link.up) if link else None
+    return out
+
+
+class Daemon:
+    """Wires the event sources to the worker; `start()`, then `stop()` from the main thread."""
+
+    def __init__(self, config: Config, config_path: str, run_dir: str,
+                 notifier: Notifier | None = None, test_faults: bool = False) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.run_dir = run_dir
+        self.notifier = notifier or Notifier({})
+        self.test_faults = test_faults
+        self.trigger = Trigger()
+        self.started = time.time()
+        self.snap = _Snapshot()
+        self._status: dict[str, Any] = {}
+        self._config_errors: list[str] = []
+        self._config_digest, self._file_sig = self._file_identity()
+        self._rejected_digest: str | None = None
+        self._last_desired: DesiredState | None = None
+        self._last_links: dict[str, tuple[int, bool] | None] | None = None
+        self._last_notes: set[str] = set()
+        self._carry_reason: str | None = None
+        self._part_ok = {ROUTING: False, FIREWALL: False}
+        self._backoff = FIRST_RETRY
+        self._retry_at: float | None = None
+        self._next_resync = time.monotonic() + config.resync_interval
+        self._next_ping: float | None = None
+        self._last_error_text: str | None = None
+        self._echo_until = 0.0
+        self._passing = False
+        self._stop_watchdog = False
+        self._worker: threading.Thread | None = None
+        self.exit_code = 0
+        self.netlink = NetlinkWatcher(self.on_netlink, self.on_overflow)
+        self.files = ConfigWatcher(config_path, self.on_file_change)
+        self.control: Any = None
+        self._publish(None)
+
+    # ---- lifecycle (main thread) -----------------------------------------------------------
+    def start(self) -> None:
+        from .control import ControlServer
+
+        self.control = ControlServer(self.run_dir, self.handle_request,
+                                     logging.getLogger("tagrouted.control"))
+        self.control.bind()  # AlreadyRunning when a live daemon owns the run directory
+        self.netlink.start()  # bound before the first converge dumps anything
+        try:
+            self.files.start()
+        except Exception as e:  # inotify limits: the periodic stat check still notices edits
+            log.warning("cannot watch %s: %s", self.config_path, e)
+        self.control.start()
+        self.trigger.poke("start", ALL_PARTS)
+        self._worker = threading.Thread(target=self._work, name="reconcile", daemon=True)
+        self._worker.start()
+
+    def worker_alive(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """Stop the worker (it applies on_stop), then the event sources; the exit status."""
+        self.notifier.stopping()
+        self.trigger.stop()
+        if self._worker is not None:
+            self._worker.join(timeout)
+            if self._worker.is_alive():
+                log.error("the reconcile worker did not stop within %.0fs", timeout)
+                self.exit_code = 1
+        for part in (self.control, self.files, self.netlink):
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    part.stop()
+        return self.exit_code
+
+    def reload_from_signal(self) -> None:
+        log.info("SIGHUP: reloading %s", self.config_path)
+        self.trigger.poke("reload", ALL_PARTS)
+
+    def fault_stop_watchdog(self) -> None:
+        """Test-only (TAGROUTED_TEST_FAULTS=1, SIGUSR2): behave like a hung loop for systemd."""
+        if self.test_faults:
+            log.warning("test fault: no more watchdog pings")
+            self._stop_watchdog = True
+
+    # ---- pokes (any thread) ----------------------------------------------------------------
+    def on_netlink(self, events: list[NlEvent]) -> None:
+        table = self.config.tag.table
+        echo = self._passing or time.monotonic() < self._echo_until
+        for ev in events:
+            if ev.kind in ("link", "addr"):
+                break
+            ours = ev.table == table or (ev.kind == "route" and ev.proto == ROUTE_PROTO)
+            if ours and not (ev.new and echo):
+                break
+        else:
+            return
+        self.trigger.poke("netlink", {ROUTING}, NETLINK_GAP)
+
+    def on_overflow(self, why: str) -> None:
+        self.trigger.poke("overflow", ALL_PARTS)
+
+    def on_file_change(self) -> None:
+        self.trigger.poke("file", (), FILE_GAP)
+
+    def handle_request(self, req: dict[str, Any]) -> dict[str, Any]:
+        """The control socket's callback (its own threads): never touches the kernel."""
+        command = req.get("command")
+        if command == "status":
+            return {"ok": True, "status": self._status}
+        if command == "reload":
+            waiter = ReloadWaiter()
+            self.trigger.poke("reload", ALL_PARTS, waiter=waiter)
+            if not waiter.done.wait(RELOAD_WAIT):
+                return {"ok": False, "error": f"the reload did not finish within {RELOAD_WAIT:.0f}s"}
+            return waiter.reply
+        return {"ok": False, "error": f"unknown command {command!r} (status, reload)"}
+
+    # ---- the worker ------------------------------------------------------------------------
+    def _work(self) -> None:
+        converger = Converger(self.run_dir)
+        interval = self.notifier.watchdog_interval
+        self._next_ping = time.monotonic() if interval else None
+        try:
+            self._note_legacy_iptables()
+            while True:
+                deadlines = [d for d in (self._next_resync, self._retry_at, self._next_ping) if d is not None]
+                work = self.trigger.take(min(deadlines) if deadlines else None)
+                now = time.monotonic()
+                if self._next_ping is not None and now >= self._next_ping and interval:
+                    if not self._stop_watchdog:
+                        self.notifier.watchdog()
+                    self._next_ping = now + interval
+                if work is None:
+                    if self._retry_at is not None and now >= self._retry_at:
+                        self._retry_at = None
+                        self.trigger.poke("retry", ALL_PARTS)
+                    if now >= self._next_resync:
+                        self._next_resync = now + self.config.resync_interval
+                        self.trigger.poke("timer", ALL_PARTS)
+                    continue
+                if work.stop:
+                    self._on_stop(converger, work)
+                    return
+                try:
+                    self._pass(converger, work)
+                except Exception as e:  # a bug must not end the loop: record, retry
+                    log.exception("reconcile pass failed: %s", e)
+                    self._failed(f"{type(e).__name__}: {e}")
+                    for w in work.waiters:
+                        w.resolve({"ok": False, "errors": [f"internal error: {e}"]})
+        finally:
+            converger.close()
+
+    def _note_legacy_iptables(self) -> None:
+        with contextlib.suppress(Exception):
+            from .iptables import iptables_command_is_nft
+
+            if iptables_command_is_nft():
+                log.info("`iptables` on this host is the nf_tables variant; tagrouted's rules live in "
+                         "the legacy tables: see them with iptables-legacy-save / ip6tables-legacy-save")
+
+    def _file_identity(self) -> tuple[str | None, tuple[int, ...] | None]:
+        """(sha256 of the config file's bytes, its stat signature); Nones if unreadable."""
+        try:
+            st = os.stat(self.config_path)
+            with open(self.config_path, "rb") as f:
+                data = f.read(2 << 20)
+        except OSError:
+            return None, None
+        return hashlib.sha256(data).hexdigest(), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _file_sig_now(self) -> tuple[int, ...] | None:
+        try:
+            st = os.stat(self.config_path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _reload(self, explicit: bool) -> tuple[str, list[str]]:
+        """("applied" | "rejected" | "unchanged", problems). An edit whose bytes equal the
+        running config (or the last rejected file) is "unchanged" unless asked explicitly."""
+        digest, sig = self._file_identity()
+        self._file_sig = sig
+        if not explicit and digest is not None and digest in (self._config_digest, self._rejected_digest):
+            return "unchanged", []
+        self.notifier.reloading()
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as e:
+            problems = [str(p) for p in e.problems]
+            self._rejected_digest = digest
+            self._config_errors = problems
+            log.error("config %s rejected (%d problems); keeping the last good one in the kernel "
+                      "and in memory", self.config_path, len(problems))
+            for p in problems:
+                log.error("%s", p)
+            self._record_error(f"config rejected: {problems[0]}" + (
+                f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+            return "rejected", problems
+        old = self.config
+        self.config = config
+        self._config_digest, self._rejected_digest, self._config_errors = digest, None, []
+        if config.resync_interval != old.resync_interval:
+            self._next_resync = time.monotonic() + config.resync_interval
+        log.info("config %s loaded: roles %s, %d services", self.config_path,
+                 ", ".join(config.roles), len(config.services))
+        return "applied", []
+
+    def _pass(self, converger: Converger, work: Work) -> None:
+        causes, parts = work.causes, set(work.parts)
+        explicit = "reload" in causes
+        file_moved = "file" in causes or ("timer" in causes and self._file_sig_now() != self._file_sig)
+        if "file" in causes:
+            self.files.rewatch()  # the directory may be a new one
+        outcome = "none"
+        problems: list[str] = []
+        if explicit or file_moved:
+            outcome, problems = self._reload(explicit)
+            if outcome == "applied":
+                parts |= ALL_PARTS
+            elif outcome == "rejected":
+                parts -= ALL_PARTS if not (causes - {"reload", "file"}) else set()
+                reply = {"ok": False, "errors": problems}
+                for w in work.waiters:
+                    w.resolve(reply)
+                work.waiters = []
+        if not parts:
+            if outcome in ("applied", "rejected"):
+                self.notifier.ready(self._status_line())  # ends RELOADING=1
+                self._publish(None)
+            return
+        if "timer" in causes or "overflow" in causes or "retry" in causes:
+            parts |= ALL_PARTS
+        config = self.config
+        t0 = time.perf_counter()
+        self._passing = True
+        try:
+            result = converger.converge(config, parts=frozenset(parts))
+        finally:
+            self._passing = False
+        elapsed = time.perf_counter() - t0
+        self._echo_until = time.monotonic() + ECHO_WINDOW
+        reason = self._reason(result, config, outcome == "applied", "overflow" in causes)
+        self._record(result, reason, parts, elapsed)
+        if FIREWALL in parts:
+            self._read_counters(config, result.desired)
+        if FIREWALL in parts and ROUTING in parts:
+            self._next_resync = time.monotonic() + config.resync_interval
+        if outcome == "applied" or explicit:
+            reply: dict[str, Any] = {"ok": True, "changes": [c.message for c in result.changes],
+                                     "notes": list(result.notes)}
+            if result.errors:
+                reply["apply_errors"] = list(result.errors)
+            for w in work.waiters:
+                w.resolve(reply)
+        if not self.snap.ready and result.ok and parts >= ALL_PARTS:
+            self.snap.ready = True
+            self._publish(result)
+            log.info("converged: ready (%s)", self._status_line())
+            self.notifier.ready(self._status_line())
+        else:
+            self._publish(result)
+            if outcome in ("applied", "rejected") or explicit:
+                self.notifier.ready(self._status_line())  # ends RELOADING=1
+            else:
+                self.notifier.status(self._status_line())
+
+    def _reason(self, result: ConvergeResult, config: Config, reloaded: bool, overflow: bool) -> str:
+        links = _link_state(result.facts, named_interfaces(config))
+        link_changed = (self._last_desired is not None and result.desired != self._last_desired) or (
+            self._last_links is not None and links != self._last_links)
+        self._last_desired, self._last_links = result.desired, links
+        if not self.snap.ready:
+            reason = "start"
+        elif reloaded:
+            reason = "reload"
+        elif overflow:
+            reason = "resync"
+        elif link_changed:
+            reason = "link"
+        else:
+            reason = self._carry_reason or "drift"
+        self._carry_reason = None if result.ok else reason
+        return reason
+
+    def _record(self, result: ConvergeResult, reason: str, parts: set[str], elapsed: float) -> None:
+        now = time.time()
+        for change in result.changes:
+            self._log_change(change, reason)
+        if result.changes:
+            self.snap.last_change = {"time": now, "message": result.changes[-1].message, "reason": reason}
+            if reason in ("drift", "resync"):
+                self.snap.repairs += len(result.changes)
+        notes = set(result.notes)
+        for note in result.notes:
+            if note not in self._last_notes:
+                log.info("note: %s", note)
+        self._last_notes = notes
+        self.snap.passes += 1
+        self.snap.last_converge = {"time": now, "reason": reason, "duration_ms": round(elapsed * 1000, 3),
+                                   "changes": len(result.changes), "parts": sorted(parts)}
+        for part in parts:
+            self._part_ok[part] = result.ok
+        self.snap.in_sync = all(self._part_ok.values())
+        tun = tunnel_interface(self.config)
+        if tun:
+            link = result.facts.link(tun)
+            up = link is not None and link.up
+            if up != self.snap.tunnel_up:
+                if self.snap.tunnel_up is not None or not up:
+                    if up:
+                        log.info("tunnel %s is up", tun)
+                    else:
+                        log.warning("tunnel %s is %s: tagged replies meet the unreachable fallback",
+                                    tun, "down" if link else "gone")
+                self.snap.tunnel_up = up
+        if result.errors:
+            self._failed("; ".join(result.errors))
+        else:
+            self._backoff = FIRST_RETRY
+            self._retry_at = None
+            if self._last_error_text is not None:
+                log.info("recovered: in sync again")
+            self._last_error_text = None
+
+    def _log_change(self, change: Change, reason: str) -> None:
+        extra = fields(TAGROUTED_ACTION=change.action, TAGROUTED_OBJECT=change.object,
+                       TAGROUTED_REASON=reason)
+        if reason in ("drift", "resync"):
+            what = DRIFT_WHAT.get(change.action, "someone changed it")
+            label = "drift" if reason == "drift" else "found after lost netlink events"
+            log.warning("%s (%s: %s)", change.message, label, what, extra=extra)
+        else:
+            log.info("%s", change.message, extra=extra)
+
+    def _record_error(self, message: str) -> None:
+        self.snap.last_error = {"time": time.time(), "message": message}
+
+    def _failed(self, message: str) -> None:
+        """A pass failed (partly): keep the record, retry with doubling backoff."""
+        self._record_error(message)
+        if message != self._last_error_text:
+            log.error("converge failed: %s (retrying in %.1fs)", message, self._backoff)
+        else:
+            log.debug("still failing: %s", message)
+        self._last_error_text = message
+        self._retry_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, max(self.config.resync_interval, FIRST_RETRY))
+        self.snap.in_sync = False
+
+    def _read_counters(self, config: Config, desired: DesiredState) -> None:
+        try:
+            from .counters import read_counters, service_rules
+
+            self.snap.counters = read_counters(service_rules(config, desired))
+        except Exception as e:  # counters are informative: never fail a pass over them
+            log.debug("reading counters failed: %s", e)
+
+    def _on_stop(self, converger: Converger, work: Work) -> None:
+        for w in work.waiters:
+            w.resolve({"ok": False, "errors": ["the daemon is stopping"]})
+        config = self.config
+        if config.on_stop != "remove":
+            log.info("stopping; on_stop: keep: the kernel state stays in place")
+            return
+        log.info("stopping; on_stop: remove: taking away everything tagrouted owns")
+        try:
+            result = converger.converge(None, config.tag)
+        except Exception as e:
+            log.exception("on_stop: remove failed: %s", e)
+            self.exit_code = 1
+            return
+        for change in result.changes:
+            self._log_change(change, "stop")
+        for error in result.errors:
+            log.error("on_stop: remove: %s", error)
+        if result.errors:
+            self.exit_code = 1
+
+    # ---- status ----------------------------------------------------------------------------
+    def _status_line(self) -> str:
+        config, s = self.config, self.snap
+        if not s.ready:
+            head = "starting: first converge " + ("failed, retrying" if s.last_error else "pending")
+        elif s.in_sync:
+            head = "in sync"
+        else:
+            head = "NOT in sync, retrying"
+        parts = [head]
+        tun = tunnel_interface(config)
+        if tun:
+            parts.append(f"tunnel {tun} {'up' if s.tunnel_up else 'down'}")
+        parts.append(f"{len(config.services)} services")
+        parts.append(f"{s.repairs} repairs")
+        if s.last_change:
+            parts.append("last change " + time.strftime("%H:%M:%S", time.localtime(s.last_change["time"])))
+        if self._config_errors:
+            parts.append("config on disk rejected")
+        if s.last_error and (not s.in_sync or self._config_errors):
+            parts.append(f"last error: {s.last_error['message']}")
+        return "; ".join(parts)[:400]
+
+    def _publish(self, result: ConvergeResult | None) -> None:
+        """Replace the snapshot the control socket serves (one reference swap: no locks)."""
+        config, s = self.config, self.snap
+        services = []
+        for svc in config.services:
+            counters = s.counters.get(svc.name)
+            services.append({
+                "name": svc.name, "proto": svc.proto, "port": str(svc.port), "address": str(svc.address),
+                "packets": counters[0] if counters else None, "bytes": counters[1] if counters else None,
+            })
+        self._status = {
+            "version": __version__,
+            "pid": os.getpid(),
+            "started": self.started,
+            "config": self.config_path,
+            "run_dir": self.run_dir,
+            "roles": list(config.roles),
+            "tunnel_interface": tunnel_interface(config),
+            "tunnel_up": s.tunnel_up,
+            "ready": s.ready,
+            "in_sync": s.in_sync and s.ready,
+            "last_converge": s.last_converge,
+            "last_change": s.last_change,
+            "repairs": s.repairs,
+            "last_error": s.last_error,
+            "config_errors": list(self._config_errors),
+            "services": services,
+            "passes": s.passes,
+            "netlink_overflows": self.netlink.overflows,
+            "resync_interval": config.resync_interval,
+            "on_stop": config.on_stop,
+            "status_line": self._status_line(),
+        }
