@@ -98,7 +98,7 @@ class JournalHandler(logging.Handler):
                 PRIORITY=str(_priority(record.levelno)),
                 SYSLOG_IDENTIFIER=IDENTIFIER,
                 CODE_FILE=record.pathname,
-                CODE_LINE=str(record.lineno),
+                CODE_LINE=record.lineno,  # systemd-python formats it with {:d}: a str raises
                 CODE_FUNC=record.funcName,
                 TAGROUTED_LOGGER=record.name,
                 **extra,
