@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 import pytest
 from lab import (
     CLIENT4,
-    CLIENT6,
     LANHOST4,
     LANHOST6,
     PUBLIC4,
@@ -27,12 +26,10 @@ from lab import (
     Lab,
 )
 from nslab import wait_for
-from support import built_lab, needs_daemon
+from support import FAIL_TIMEOUT, PATHS, all_paths, ask, built_lab, expected_paths, require_daemon
 
 pytestmark = pytest.mark.e2e
 
-PATHS = [(PUBLIC4, CLIENT4, 4), (PUBLIC6, CLIENT6, 6)]
-FAIL_TIMEOUT = 2.0  # a request expected to fail waits this long for an answer
 RESYNC_INTERVAL = 2.0  # the example configs' default resync_interval
 
 
@@ -40,22 +37,6 @@ RESYNC_INTERVAL = 2.0  # the example configs' default resync_interval
 def lab() -> Iterator[Lab]:
     with built_lab(variant="openvpn", layout="seed", manager="tagrouted") as lab:
         yield lab
-
-
-def ask(lab: Lab, proto: str, address: str, port: int | None = None,
-        timeout: float = 3.0) -> str | None:
-    if proto == "tcp":
-        return lab.request_tcp(address, port or TLS_PORT, timeout=timeout)
-    return lab.request_udp(address, port or UDP_PORT, timeout=timeout)
-
-
-def all_paths(lab: Lab, timeout: float = 3.0) -> dict[tuple[str, str], str | None]:
-    return {(proto, public): ask(lab, proto, public, timeout=timeout)
-            for public, _client, _family in PATHS for proto in ("tcp", "udp")}
-
-
-def expected_paths() -> dict[tuple[str, str], str | None]:
-    return {(proto, public): client for public, client, _f in PATHS for proto in ("tcp", "udp")}
 
 
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
@@ -149,8 +130,8 @@ def test_hardened_rp_filter_on_the_vpn_client_still_works(lab: Lab) -> None:
         lab.vpnclient.run("sysctl -qw net.ipv4.conf.all.rp_filter=0")
 
 
-@needs_daemon
 def test_openvpn_client_restart_works_again(lab: Lab, report: Callable[[str], None]) -> None:
+    require_daemon(lab)
     lab.stop_vpn_client()  # tun0 is gone, and with it the `default dev tun0` of table 42
     assert lab.request_tcp(PUBLIC4, timeout=FAIL_TIMEOUT) is None
     t0 = time.monotonic()
@@ -165,8 +146,8 @@ def test_openvpn_client_restart_works_again(lab: Lab, report: Callable[[str], No
     assert all_paths(lab) == expected_paths()
 
 
-@needs_daemon
 def test_flushed_mangle_on_the_web_host_is_repaired(lab: Lab, report: Callable[[str], None]) -> None:
+    require_daemon(lab)
     lab.web.run("iptables-legacy -t mangle -F")
     t0 = time.monotonic()
     wait_for(lambda: "TAGROUTED-OUTPUT" in lab.web.out("iptables-legacy -t mangle -S OUTPUT")
@@ -188,8 +169,8 @@ SPARE_SERVICES = (
 )
 
 
-@needs_daemon
 def test_reload_makes_a_new_service_reachable_without_restart(lab: Lab) -> None:
+    require_daemon(lab)
     pids = {h: p.pid for h, p in lab.daemons.items()}
     edited = ("remote", "vpnclient")  # the gateway exposes it, the vpn-client admits it
     originals = {h: lab.configs[h].read_text() for h in edited}
