@@ -172,13 +172,12 @@ def ensure_wheelhouse(repo: Path, timeout: float = 600) -> tuple[Path, float | N
         t0 = time.monotonic()
         _log(f"building dependency wheels once: {' '.join(pins)}")
         res = subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(scratch), *pins],
+            [sys.executable, "-m", "pip", "wheel", "-q", "-w", str(scratch), *pins],  # + their deps
             capture_output=True, text=True, timeout=timeout,
         )
         if res.returncode != 0:
             shutil.rmtree(scratch, ignore_errors=True)
             raise ContainerError(f"pip wheel failed:\n{res.stdout}{res.stderr}")
-        # Transitive dependencies (none today for these five) would be added the same way.
         (scratch / ".complete").write_text(" ".join(pins) + "\n")
         shutil.rmtree(house, ignore_errors=True)
         scratch.rename(house)
