@@ -614,6 +614,12 @@ verb 3
 
     # ---- teardown ----------------------------------------------------------------------------
     def close(self) -> None:
+        # SIGTERM to everything we started first, so their exits (OpenVPN's exit notification,
+        # tagrouted's on_stop) overlap; then wait for each and remove the namespaces
+        for proc in [*self.daemons.values(), *(p for ns in self.namespaces for p in ns.procs)]:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
         with contextlib.suppress(Exception):
             self.stop_tagrouted()
         for ns in reversed(self.namespaces):
