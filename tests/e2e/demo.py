@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="combined: a VPS (gateway + VPN server) and a home router (VPN client + service)")
     p.add_argument("--pause", action="store_true", help="wait for Enter before tearing down")
     args = p.parse_args(argv)
+    # Ctrl-C tears down even when started from a shell that made us ignore SIGINT
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
     try:
