@@ -101,12 +101,11 @@ def _read_line(sock: socket.socket, limit: int) -> bytes:
         if not chunk:
             return bytes(buf)
         nl = chunk.find(b"\n")
-        if nl >= 0:
-            buf += chunk[:nl]
-            return bytes(buf)
-        buf += chunk
+        buf += chunk if nl < 0 else chunk[:nl]
         if len(buf) > limit:
             raise ValueError(f"line longer than {limit} bytes")
+        if nl >= 0:
+            return bytes(buf)
 
 
 def _when(ts: float | None) -> str:

@@ -55,6 +55,7 @@ NETLINK_GAP = 0.001    # s: gathers one burst of rtnetlink events into one pass
 FILE_GAP = 0.05        # s: an editor's write-rename-chmod sequence is one change
 ECHO_WINDOW = 0.25     # s after a pass in which RTM_NEW* of our table are our own echo
 FIRST_RETRY = 0.5      # s; doubles up to resync_interval
+MIN_RESYNC = 0.1       # s: a smaller resync_interval would keep a core busy re-reading
 RELOAD_WAIT = 55.0     # s a control client waits for its reload (tagroutectl allows 60)
 
 DRIFT_WHAT = {
@@ -190,6 +191,7 @@ class Daemon:
         self._config_errors: list[str] = []
         self._config_digest, self._file_sig = self._file_identity()
         self._rejected_digest: str | None = None
+        self._missing_logged = False
         self._last_desired: DesiredState | None = None
         self._last_links: dict[str, tuple[int, bool] | None] | None = None
         self._last_notes: set[str] = set()
@@ -197,7 +199,7 @@ class Daemon:
         self._part_ok = {ROUTING: False, FIREWALL: False}
         self._backoff = FIRST_RETRY
         self._retry_at: float | None = None
-        self._next_resync = time.monotonic() + config.resync_interval
+        self._next_resync = time.monotonic() + self._interval(config)
         self._next_ping: float | None = None
         self._last_error_text: str | None = None
         self._echo_until = 0.0
@@ -308,7 +310,7 @@ class Daemon:
                         self._retry_at = None
                         self.trigger.poke("retry", ALL_PARTS)
                     if now >= self._next_resync:
-                        self._next_resync = now + self.config.resync_interval
+                        self._next_resync = now + self._interval(self.config)
                         self.trigger.poke("timer", ALL_PARTS)
                     continue
                 if work.stop:
@@ -323,6 +325,10 @@ class Daemon:
                         w.resolve({"ok": False, "errors": [f"internal error: {e}"]})
         finally:
             converger.close()
+
+    @staticmethod
+    def _interval(config: Config) -> float:
+        return max(config.resync_interval, MIN_RESYNC)
 
     def _note_legacy_iptables(self) -> None:
         with contextlib.suppress(Exception):
@@ -354,7 +360,15 @@ class Daemon:
         running config (or the last rejected file) is "unchanged" unless asked explicitly."""
         digest, sig = self._file_identity()
         self._file_sig = sig
-        if not explicit and digest is not None and digest in (self._config_digest, self._rejected_digest):
+        if not explicit and digest is None:
+            # Mid-replacement (a directory or file being swapped in) or deleted for good: keep
+            # the running config; the file's return is seen by the watch or the stat check.
+            if not self._missing_logged:
+                log.warning("config %s is gone or unreadable: keeping the running config", self.config_path)
+                self._missing_logged = True
+            return "unchanged", []
+        self._missing_logged = False
+        if not explicit and digest in (self._config_digest, self._rejected_digest):
             return "unchanged", []
         self.notifier.reloading()
         try:
@@ -374,7 +388,7 @@ class Daemon:
         self.config = config
         self._config_digest, self._rejected_digest, self._config_errors = digest, None, []
         if config.resync_interval != old.resync_interval:
-            self._next_resync = time.monotonic() + config.resync_interval
+            self._next_resync = time.monotonic() + self._interval(config)
         log.info("config %s loaded: roles %s, %d services", self.config_path,
                  ", ".join(config.roles), len(config.services))
         return "applied", []
@@ -418,7 +432,7 @@ class Daemon:
         if FIREWALL in parts:
             self._read_counters(config, result.desired)
         if FIREWALL in parts and ROUTING in parts:
-            self._next_resync = time.monotonic() + config.resync_interval
+            self._next_resync = time.monotonic() + self._interval(config)
         if outcome == "applied" or explicit:
             reply: dict[str, Any] = {"ok": True, "changes": [c.message for c in result.changes],
                                      "notes": list(result.notes)}
@@ -518,7 +532,7 @@ class Daemon:
             log.debug("still failing: %s", message)
         self._last_error_text = message
         self._retry_at = time.monotonic() + self._backoff
-        self._backoff = min(self._backoff * 2, max(self.config.resync_interval, FIRST_RETRY))
+        self._backoff = min(self._backoff * 2, max(self._interval(self.config), FIRST_RETRY))
         self.snap.in_sync = False
 
     def _read_counters(self, config: Config, desired: DesiredState) -> None:

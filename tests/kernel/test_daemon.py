@@ -1,0 +1,487 @@
+"""The real `tagrouted` daemon in a throw-away namespace, watched the way a user watches it.
+
+Each test starts the installed console script inside a namespace of its own (a vpn-client with
+eth0 on a veth pair and tun0 as a real tun device), with JSON records on stderr
+(TAGROUTED_LOG_JSON=1: the journal's field names) and a NOTIFY_SOCKET this test owns, then
+changes the world from outside (`ip`, `iptables-legacy`, `sysctl`, editing the config file,
+signals, tagroutectl) and polls the kernel state with a bound until it is what it should be.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from daemon_harness import TAGROUTECTL, DaemonProc
+from nslab import Netns, veth, wait_for
+
+pytestmark = pytest.mark.kernel
+
+BASE = """\
+roles: [vpn-client]
+services:
+  - {name: web, proto: tcp, port: 443, address: 192.168.100.3}
+  - {name: echo, proto: udp, port: 7000, address: 192.168.100.3}
+  - {name: web6, proto: tcp, port: 443, address: "fd00:100::3"}
+vpn_client: {tunnel_interface: tun0, lan_interface: eth0, rp_filter: loose}
+resync_interval: 300ms
+"""
+NEW_SERVICE = "  - {name: admin, proto: tcp, port: 2222, address: 192.168.100.3}\n"
+SERVICES_END = '  - {name: web6, proto: tcp, port: 443, address: "fd00:100::3"}\n'
+
+
+def with_service(text: str, line: str) -> str:
+    return text.replace(SERVICES_END, SERVICES_END + line, 1)
+
+
+# ---- the host ------------------------------------------------------------------------------
+class Host:
+    def __init__(self, ns: Netns, tmp: Path) -> None:
+        self.ns = ns
+        self.cfg_dir = tmp / "etc"
+        self.cfg_dir.mkdir()
+        self.config = self.cfg_dir / "tagrouted.yaml"
+        self.config.write_text(BASE)
+        self.run_dir = tmp / "run"
+        self.daemons: list[DaemonProc] = []
+
+    def daemon(self, **kw: object) -> DaemonProc:
+        d = DaemonProc(self.ns, self.config, self.run_dir, **kw)  # type: ignore[arg-type]
+        self.daemons.append(d)
+        return d.start()
+
+    def out(self, cmd: str) -> str:
+        res = self.ns.run(cmd, check=False)
+        if res.returncode != 0 and "table does not exist" not in res.stderr:  # an empty table 42
+            raise AssertionError(f"{cmd} -> {res.returncode}: {res.stderr}")
+        return res.stdout
+
+    def sysctl(self, key: str) -> str:
+        return self.ns.run(["sysctl", "-n", key], check=False).stdout.strip()
+
+    def tun_up(self) -> None:
+        self.ns.run("ip tuntap add dev tun0 mode tun")
+        self.ns.run("ip link set tun0 up")
+
+    def in_place(self) -> bool:
+        """The vpn-client state, each piece exactly once."""
+        rules4, rules6 = self.out("ip -4 rule show"), self.out("ip -6 rule show")
+        t4, t6 = self.out("ip -4 route show table 42"), self.out("ip -6 route show table 42")
+        ipt = self.out("iptables-legacy-save")
+        return (rules4.count("fwmark 0x2a lookup 42") == 1 and rules6.count("fwmark 0x2a lookup 42") == 1
+                and re.search(r"^default dev tun0 ", t4, re.M) is not None
+                and re.search(r"^default dev tun0 ", t6, re.M) is not None
+                and t4.count("unreachable default") == 1
+                and ipt.count("-j TAGROUTED-FORWARD") == 1 and ipt.count("-j TAGROUTED-PREROUTING") == 1
+                and "-A TAGROUTED-FORWARD -d 192.168.100.3/32 -i tun0 -o eth0 -p tcp -m tcp --dport 443 -j ACCEPT" in ipt
+                and self.sysctl("net.ipv4.conf.tun0.rp_filter") == "2"
+                and self.sysctl("net.ipv4.ip_forward") == "1")
+
+    def snapshot(self) -> dict[str, str]:
+        def save(cmd: str) -> str:
+            # Rules and user chains (no counters); tables merely instantiated are no change.
+            return "\n".join(line for line in self.out(cmd).splitlines()
+                             if line.startswith("-A") or (line.startswith(":") and " - " in line))
+        return {
+            "rules4": self.out("ip -4 rule show"), "rules6": self.out("ip -6 rule show"),
+            # Table 42 and our branded routes: the rest of IPv6 changes on its own (DAD, RA).
+            "routes4": self.out("ip -4 route show table all proto 142"),
+            "routes6": self.out("ip -6 route show table all proto 142"),
+            "table4": self.out("ip -4 route show table 42"), "table6": self.out("ip -6 route show table 42"),
+            "ipt4": save("iptables-legacy-save"), "ipt6": save("ip6tables-legacy-save"),
+            "rp_filter": self.sysctl("net.ipv4.conf.tun0.rp_filter"),
+            "forward": self.sysctl("net.ipv4.ip_forward"),
+        }
+
+
+@pytest.fixture
+def host(netns: type[Netns], tmp_path: Path) -> Iterator[Host]:
+    ns = netns("dmn")
+    peer = netns("dmn-lan")
+    veth(ns, "eth0", peer, "eth1")
+    ns.run("ip addr add 192.168.100.2/24 dev eth0")
+    ns.run("ip addr add fd00:100::2/64 dev eth0 nodad")
+    # A hardened host, as on the seed: strict reverse-path filtering everywhere.
+    ns.run("sysctl -q -w net.ipv4.conf.all.rp_filter=1 net.ipv4.conf.default.rp_filter=1")
+    h = Host(ns, tmp_path)
+    h.tun_up()
+    try:
+        yield h
+    finally:
+        for d in h.daemons:
+            d.close()
+
+
+def change_records_are_well_formed(d: DaemonProc) -> None:
+    for r in d.changes():
+        assert r["TAGROUTED_ACTION"] in ("added", "removed", "replaced", "set"), r
+        assert r["TAGROUTED_OBJECT"] in ("route", "rule", "sysctl", "chain", "jump"), r
+        assert r["TAGROUTED_REASON"] in ("start", "reload", "link", "drift", "resync", "stop"), r
+        assert r["MESSAGE"].startswith(r["TAGROUTED_ACTION"]), r
+        assert r["SYSLOG_IDENTIFIER"] == "tagrouted"
+
+
+# ---- start, status, notify -----------------------------------------------------------------
+def test_start_converges_tells_systemd_and_answers_status(host: Host) -> None:
+    d = host.daemon()
+    d.wait_ready()
+    assert host.in_place(), host.snapshot()
+    # READY=1 only after the first converge: by then every change of it was recorded.
+    notified = d.notified()
+    assert notified.index("READY=1") >= 0
+    status_lines = [n for n in notified if n.startswith("STATUS=")]
+    assert status_lines and "in sync" in status_lines[0] and "tunnel tun0 up" in status_lines[0]
+    start = d.changes("start")
+    messages = [r["MESSAGE"] for r in start]
+    assert len(messages) == len(set(messages)), "one record per change"
+    assert "added rule fwmark 0x2a lookup 42 pref 1042" in messages
+    assert any(r["TAGROUTED_OBJECT"] == "route" and "dev tun0 table 42" in r["MESSAGE"] for r in start)
+    assert any(r["TAGROUTED_OBJECT"] == "sysctl" and "tun0.rp_filter=2" in r["MESSAGE"] for r in start)
+    assert any(r["TAGROUTED_OBJECT"] == "chain" and "TAGROUTED-FORWARD" in r["MESSAGE"] for r in start)
+    assert all(r["PRIORITY"] == 6 for r in start)
+    change_records_are_well_formed(d)
+
+    status = d.status()
+    assert status["pid"] == d.pid
+    assert status["roles"] == ["vpn-client"]
+    assert status["config"] == str(host.config)
+    assert status["tunnel_interface"] == "tun0" and status["tunnel_up"] is True
+    assert status["in_sync"] is True and status["ready"] is True
+    assert status["last_error"] is None and status["repairs"] == 0
+    assert status["last_change"]["message"] in messages
+    assert status["last_converge"]["reason"] == "start"
+    assert status["version"] and status["started"] > 0
+    assert [s["name"] for s in status["services"]] == ["web", "echo", "web6"]
+    assert all(s["packets"] == 0 and s["bytes"] == 0 for s in status["services"]), status["services"]
+    human = d.ctl("status")
+    assert human.returncode == 0 and "tun0 up" in human.stdout and "in sync:" in human.stdout
+
+    # The socket is root's alone, from its first instant.
+    sock = host.run_dir / "tagrouted.sock"
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+    assert d.stop() == 0
+    assert "STOPPING=1" in d.notified()
+    assert host.in_place(), "on_stop: keep (the default) leaves the state in place"
+    assert not sock.exists()
+
+
+def test_counters_count_forwarded_packets(host: Host) -> None:
+    """A packet for the web service forwarded from the tunnel into the LAN shows in status."""
+    d = host.daemon()
+    d.wait_ready()
+    # Make the FORWARD accept match: a packet arrives on tun0 for 192.168.100.3:443.
+    host.ns.run("ip neigh add 192.168.100.3 lladdr 02:00:00:00:00:03 dev eth0")
+    # Loose rp_filter wants a way back to the source and an address on tun0 (as OpenVPN gives it).
+    host.ns.run("ip route add default via 192.168.100.1 dev eth0")
+    host.ns.run("ip addr add 10.8.0.2/24 dev tun0")
+    writer = host.ns.popen([sys.executable, "-c", TUN_WRITER], stdout=subprocess.DEVNULL)
+    assert writer.wait(20) == 0
+
+    def counted() -> dict[str, object] | None:
+        web = next(s for s in d.status()["services"] if s["name"] == "web")
+        return web if web["packets"] and web["packets"] >= 3 else None
+    web = wait_for(counted, timeout=10, what="the web service's packet counter")
+    assert web["bytes"] >= 3 * 40  # type: ignore[operator]
+
+
+# Writes 3 IPv4 TCP SYNs to 192.168.100.3:443 into tun0 (from the "tunnel side").
+TUN_WRITER = r"""
+import fcntl, os, struct, socket
+TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454ca, 0x0001, 0x1000
+fd = os.open("/dev/net/tun", os.O_RDWR)
+fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", b"tun0", IFF_TUN | IFF_NO_PI))
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b)); s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return ~s & 0xffff
+src, dst = socket.inet_aton("203.0.113.7"), socket.inet_aton("192.168.100.3")
+tcp = struct.pack("!HHIIBBHHH", 40000, 443, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
+tcp = tcp[:16] + struct.pack("!H", csum(src + dst + struct.pack("!BBH", 0, 6, len(tcp)) + tcp)) + tcp[18:]
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0, 64, 6, 0, src, dst)
+ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+for _ in range(3):
+    os.write(fd, ip + tcp)
+"""
+
+
+# ---- the tunnel comes and goes -------------------------------------------------------------
+def test_tunnel_down_gone_and_back_with_a_new_ifindex(host: Host) -> None:
+    d = host.daemon()
+    d.wait_ready()
+    old_index = host.out("cat /sys/class/net/tun0/ifindex").strip()
+
+    host.ns.run("ip link set tun0 down")
+    wait_for(lambda: d.status()["tunnel_up"] is False, what="status: tunnel down")
+    table = host.out("ip -4 route show table 42")
+    assert "dev tun0" not in table and "unreachable default" in table, table
+    assert "tunnel tun0 down" in [n for n in d.notified() if n.startswith("STATUS=")][-1]
+
+    host.ns.run("ip link set tun0 up")
+    wait_for(host.in_place, what="converged after tun0 came back up")
+    wait_for(lambda: d.status()["tunnel_up"] is True, what="status: tunnel up")
+
+    host.ns.run("ip link del tun0")
+    wait_for(lambda: d.status()["tunnel_up"] is False, what="status: tunnel gone")
+    # The unreachable fallback stays: tagged replies never leak to the ISP meanwhile.
+    assert host.out("ip -4 route show table 42").strip().startswith("unreachable default")
+    assert "fwmark 0x2a lookup 42" in host.out("ip -4 rule show")
+    d.wait_record(lambda r: "tunnel tun0 is gone" in r["MESSAGE"], what="the tunnel-gone record")
+
+    host.tun_up()  # a new tun0: new ifindex, rp_filter back to the strict default
+    assert host.out("cat /sys/class/net/tun0/ifindex").strip() != old_index
+    wait_for(host.in_place, what="converged after tun0 was recreated")
+    link = [r for r in d.changes("link") if r["TAGROUTED_OBJECT"] in ("route", "sysctl")]
+    assert any("default dev tun0 table 42" in r["MESSAGE"] for r in link), link
+    assert any("tun0.rp_filter=2" in r["MESSAGE"] for r in link), link
+    assert not d.changes("drift"), "a tunnel coming and going is not drift"
+    change_records_are_well_formed(d)
+
+
+# ---- drift: someone else changes what is ours ----------------------------------------------
+def test_drift_is_repaired_and_logged_as_a_warning(host: Host) -> None:
+    d = host.daemon()
+    d.wait_ready()
+
+    # systemd-networkd deletes foreign rules when it reconfigures a link: back at once.
+    host.ns.run("ip rule del fwmark 42 lookup 42 pref 1042")
+    wait_for(lambda: "fwmark 0x2a lookup 42" in host.out("ip -4 rule show"), what="the rule back")
+    rec = d.wait_record(lambda r: r.get("TAGROUTED_REASON") == "drift" and r["TAGROUTED_OBJECT"] == "rule",
+                        what="the rule's drift record")
+    assert rec["MESSAGE"].startswith("added rule fwmark 0x2a lookup 42 pref 1042") and "drift" in rec["MESSAGE"]
+    assert rec["PRIORITY"] == 4 and rec["TAGROUTED_ACTION"] == "added"
+
+    # Our route deleted by hand.
+    host.ns.run("ip route del default dev tun0 table 42")
+    wait_for(host.in_place, what="the route back")
+
+    # A flushed chain (iptables-legacy: no event) is rewritten within the resync interval.
+    host.ns.run("iptables-legacy -t filter -F TAGROUTED-FORWARD")
+    wait_for(host.in_place, timeout=10, what="the flushed chain rewritten")
+    d.wait_record(lambda r: r.get("TAGROUTED_REASON") == "drift" and r["TAGROUTED_OBJECT"] == "chain"
+                  and "TAGROUTED-FORWARD" in r["MESSAGE"], what="the chain's drift record")
+
+    # Our jump deleted, and a sysctl reset by someone (no event either).
+    host.ns.run("iptables-legacy -t mangle -D PREROUTING -m comment --comment tagrouted -j TAGROUTED-PREROUTING")
+    host.ns.run("sysctl -q -w net.ipv4.conf.tun0.rp_filter=1")
+    wait_for(host.in_place, timeout=10, what="jump and rp_filter back")
+
+    status = d.status()
+    assert status["repairs"] >= 5, status
+    assert status["in_sync"] is True
+    assert d.changes("drift") and all(r["PRIORITY"] == 4 for r in d.changes("drift"))
+    assert not d.changes("link") and not d.changes("reload")
+    change_records_are_well_formed(d)
+
+
+def test_lost_netlink_events_mean_a_full_resync(host: Host) -> None:
+    """A tiny receive buffer and a burst of route events overflow the daemon's socket
+    (ENOBUFS): it reopens it and resyncs everything, and keeps following events after."""
+    d = host.daemon(env={"TAGROUTED_TEST_NL_RCVBUF": "1024"})
+    d.wait_ready()
+    batch = "".join(f"route add 10.{i // 250}.{i % 250}.0/24 dev eth0 table 100\n" for i in range(3000))
+    for _ in range(5):
+        host.ns.run(["ip", "-batch", "-"], input=batch)
+        host.ns.run("ip route flush table 100")
+        if d.status()["netlink_overflows"]:
+            break
+    wait_for(lambda: d.status()["netlink_overflows"] >= 1, what="an overflow seen")
+    d.wait_record(lambda r: "ENOBUFS" in r["MESSAGE"], what="the overflow record")
+    host.ns.run("ip rule del fwmark 42 lookup 42 pref 1042")
+    wait_for(host.in_place, what="events followed after the reopen")
+    assert d.status()["in_sync"] is True
+
+
+# ---- config edits, reload ------------------------------------------------------------------
+def forward_rules(host: Host) -> str:
+    return host.out("iptables-legacy-save -t filter")
+
+
+def test_config_edits_in_place_by_rename_and_dir_recreate(host: Host) -> None:
+    d = host.daemon()
+    d.wait_ready()
+
+    # In place, as `echo >>` or an editor without backup files does.
+    with open(host.config, "w") as f:
+        f.write(with_service(BASE, NEW_SERVICE))
+    wait_for(lambda: "--dport 2222" in forward_rules(host), what="the new service from an in-place edit")
+    d.wait_record(lambda r: r.get("TAGROUTED_REASON") == "reload" and r["TAGROUTED_OBJECT"] == "chain",
+                  what="the reload's chain record")
+    d.wait_notified("READY=1", count=2)  # RELOADING=1 ... READY=1 around it
+    notified = d.notified()
+    assert "RELOADING=1" in notified and notified.index("RELOADING=1") > notified.index("READY=1")
+
+    # Write-and-rename, as vim, sed -i and configuration tools do.
+    tmp = host.cfg_dir / ".tagrouted.yaml.tmp"
+    tmp.write_text(with_service(BASE, NEW_SERVICE + "  - {name: ssh, proto: tcp, port: 2200, address: 192.168.100.3}\n"))
+    os.replace(tmp, host.config)
+    wait_for(lambda: "--dport 2200" in forward_rules(host), what="the new service from a rename")
+
+    # The whole directory replaced (a deployment tool): still followed.
+    shutil.rmtree(host.cfg_dir)
+    host.cfg_dir.mkdir()
+    host.config.write_text(with_service(BASE, "  - {name: git, proto: tcp, port: 9418, address: 192.168.100.3}\n"))
+    wait_for(lambda: "--dport 9418" in forward_rules(host) and "--dport 2200" not in forward_rules(host),
+             what="the config from a recreated directory")
+    assert host.in_place()
+    assert [s["name"] for s in d.status()["services"]] == ["web", "echo", "web6", "git"]
+    change_records_are_well_formed(d)
+
+
+def test_bad_edit_keeps_the_old_state_and_reload_fails(host: Host) -> None:
+    d = host.daemon()
+    d.wait_ready()
+    before = host.snapshot()
+    host.config.write_text(BASE.replace("port: 7000", "port: 70000"))
+    d.wait_record(lambda r: re.search(rf"{re.escape(str(host.config))}:4: services\[1\]\.port", r["MESSAGE"])
+                  is not None, what="the problem line in the log")
+    status = d.status()
+    assert status["config_errors"] and ":4: services[1].port" in status["config_errors"][0]
+    assert "config rejected" in status["last_error"]["message"]
+    assert [s["name"] for s in status["services"]] == ["web", "echo", "web6"], "the old config stays"
+
+    res = d.ctl("reload")
+    assert res.returncode == 1, res
+    assert f"{host.config}:4: services[1].port" in res.stderr and "rejected" in res.stderr
+    # After a resync interval or two, still exactly the old state.
+    d.wait_record(lambda r: r.get("MESSAGE", "").startswith("config") and "rejected" in r["MESSAGE"],
+                  what="the rejection record")
+    wait_for(lambda: d.status()["passes"] >= status["passes"] + 2, what="two more passes")
+    assert host.snapshot() == before
+
+    # SIGHUP with the good file back: applied; `reload` agrees.
+    host.config.write_text(with_service(BASE, NEW_SERVICE))
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: "--dport 2222" in forward_rules(host), what="the fixed config applied")
+    res = d.ctl("reload")
+    assert res.returncode == 0 and "reloaded" in res.stdout, res
+    assert d.status()["config_errors"] == []
+
+
+# ---- crash and restart, stop ---------------------------------------------------------------
+def test_sigkill_and_restart_adopts_without_duplicates(host: Host) -> None:
+    d1 = host.daemon()
+    d1.wait_ready()
+    before = host.snapshot()
+    assert d1.kill() == -signal.SIGKILL
+    assert (host.run_dir / "tagrouted.sock").exists(), "a crash leaves its socket behind"
+    assert d1.ctl("status").returncode == 3
+
+    d2 = host.daemon()
+    d2.wait_ready()
+    assert host.snapshot() == before
+    assert host.in_place()
+    assert d2.changes() == [], "adopted: nothing added, removed or replaced"
+    assert d2.status()["pid"] == d2.pid
+
+    # A second daemon on the same run directory refuses to start.
+    d3 = host.daemon()
+    assert d3.proc is not None and d3.proc.wait(20) == 1
+    assert any("another tagrouted" in r["MESSAGE"] for r in d3.all_records())
+    assert d2.alive() and d2.status()["pid"] == d2.pid
+
+
+def test_on_stop_remove_restores_the_host(host: Host) -> None:
+    pristine = host.snapshot()
+    host.config.write_text(BASE + "on_stop: remove\n")
+    d = host.daemon()
+    d.wait_ready()
+    assert host.in_place()
+    assert d.stop() == 0
+    stop = d.changes("stop")
+    assert any(r["TAGROUTED_ACTION"] == "removed" and r["TAGROUTED_OBJECT"] == "rule" for r in stop), stop
+    assert host.snapshot() == pristine
+
+
+def test_bad_config_at_start_applies_nothing(host: Host) -> None:
+    pristine = host.snapshot()
+    host.config.write_text("roles: [vpn-client]\nvpn_client: {tunnel_interface: tun0}\n")
+    d = host.daemon()
+    assert d.proc is not None and d.proc.wait(30) == 1
+    assert any("vpn_client" in r["MESSAGE"] and str(host.config) in r["MESSAGE"] for r in d.all_records())
+    assert "READY=1" not in d.notified()
+    assert host.snapshot() == pristine
+
+
+# ---- systemd watchdog ----------------------------------------------------------------------
+def test_watchdog_pings_from_the_loop_and_the_test_fault_stops_them(host: Host) -> None:
+    d = host.daemon(watchdog_usec=400_000, env={"TAGROUTED_TEST_FAULTS": "1"})
+    d.wait_ready()
+    d.wait_notified("WATCHDOG=1", count=4, timeout=10)  # every 0.2 s
+    d.signal(signal.SIGUSR2)
+    d.wait_record(lambda r: "no more watchdog pings" in r["MESSAGE"], what="the fault switch taken")
+    pings = d.notified().count("WATCHDOG=1")
+    # Five watchdog half-periods later, still no new ping (and the daemon is alive).
+    seen = d.status()["passes"]
+    wait_for(lambda: d.status()["passes"] >= seen + 3, what="three resync passes")
+    assert d.notified().count("WATCHDOG=1") <= pings + 1
+    assert d.alive()
+
+
+def test_sigusr2_is_ignored_without_the_test_switch(host: Host) -> None:
+    d = host.daemon(watchdog_usec=400_000)
+    d.wait_ready()
+    d.signal(signal.SIGUSR2)
+    pings = d.notified().count("WATCHDOG=1")
+    d.wait_notified("WATCHDOG=1", count=pings + 3, timeout=10)
+    assert not any("no more watchdog pings" in r["MESSAGE"] for r in d.all_records())
+
+
+# ---- the control socket --------------------------------------------------------------------
+def raw_request(host: Host, data: bytes) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(host.run_dir / "tagrouted.sock"))
+        with contextlib.suppress(BrokenPipeError):
+            s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
+def test_control_socket_refuses_garbage_strangers_and_huge_lines(host: Host) -> None:
+    d = host.daemon()
+    d.wait_ready()
+    for data, error in [
+        (b"not json\n", "not JSON"),
+        (b"[1, 2]\n", "JSON object"),
+        (b'{"command": "format-disk"}\n', "unknown command"),
+        (b'{"command": "status"' + b" " * (70 * 1024) + b"}\n", "longer than"),
+    ]:
+        reply = json.loads(raw_request(host, data))
+        assert reply["ok"] is False and error in reply["error"], reply
+    # A client that connects and says nothing does not block others.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+        silent.connect(str(host.run_dir / "tagrouted.sock"))
+        assert d.status()["in_sync"] is True
+    # Not root: refused by peer credentials even with the file's permission check bypassed.
+    res = host.ns.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                       "--inh-caps=+dac_override", "--ambient-caps=+dac_override",
+                       TAGROUTECTL, "--run-dir", str(host.run_dir), "status"], check=False)
+    assert res.returncode == 3 and "uid 65534 is not root" in res.stderr, res
+    # Without the capability the socket's 0600 alone keeps it out.
+    res = host.ns.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                       TAGROUTECTL, "--run-dir", str(host.run_dir), "status"], check=False)
+    assert res.returncode == 3 and "permission denied" in res.stderr.lower(), res
+    assert d.alive() and d.status()["in_sync"] is True
+
+
+def test_tagroutectl_without_a_daemon_exits_3(host: Host) -> None:
+    host.run_dir.mkdir()
+    d = DaemonProc(host.ns, host.config, host.run_dir, notify=False)
+    for cmd in ("status", "reload"):
+        res = d.ctl(cmd)
+        assert res.returncode == 3 and "not running" in res.stderr, res
+    d.close()
