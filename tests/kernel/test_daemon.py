@@ -485,3 +485,42 @@ def test_tagroutectl_without_a_daemon_exits_3(host: Host) -> None:
         res = d.ctl(cmd)
         assert res.returncode == 3 and "not running" in res.stderr, res
     d.close()
+
+
+# ---- journald ------------------------------------------------------------------------------
+def test_journald_records_carry_the_fields(host: Host, tmp_path: Path) -> None:
+    """Under systemd (NOTIFY_SOCKET set, journald's socket there) records go to journald with
+    MESSAGE, PRIORITY and the TAGROUTED_* fields; a stand-in journald in a private mount
+    namespace receives them in journald's native protocol."""
+    out = tmp_path / "journal.jsonl"
+    helper = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", sys.executable,
+         str(Path(__file__).parent / "daemon_fake_journald.py"), str(out), host.ns.name, "--",
+         str(Path(sys.executable).parent / "tagrouted"), "--config", str(host.config),
+         "--run-dir", str(host.run_dir)],
+        start_new_session=True)
+    try:
+        def records() -> list[dict[str, str]]:
+            if helper.poll() is not None:
+                raise AssertionError(f"the journald stand-in exited {helper.returncode}")
+            return [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+
+        wait_for(lambda: any(r.get("NOTIFY", "").startswith("READY=1") for r in records()),
+                 timeout=30, what="READY=1")
+        host.ns.run("ip rule del fwmark 42 lookup 42 pref 1042")
+        wait_for(lambda: any(r.get("TAGROUTED_REASON") == "drift" for r in records()), what="a drift record")
+        journal = [r for r in records() if "MESSAGE" in r]
+        assert all(r["SYSLOG_IDENTIFIER"] == "tagrouted" for r in journal), journal
+        changes = [r for r in journal if "TAGROUTED_ACTION" in r]
+        start = [r for r in changes if r["TAGROUTED_REASON"] == "start"]
+        assert any(r["MESSAGE"] == "added rule fwmark 0x2a lookup 42 pref 1042" and r["PRIORITY"] == "6"
+                   and r["TAGROUTED_OBJECT"] == "rule" and r["TAGROUTED_ACTION"] == "added" for r in start), start
+        drift = [r for r in changes if r["TAGROUTED_REASON"] == "drift"]
+        assert drift[0]["PRIORITY"] == "4" and "fwmark 0x2a lookup 42" in drift[0]["MESSAGE"], drift
+        for r in changes:
+            assert r["MESSAGE"].startswith(r["TAGROUTED_ACTION"]), r
+        assert not out.read_text().count('"LEVEL"'), "journald records, not the JSON test lines"
+    finally:
+        if helper.poll() is None:
+            os.killpg(helper.pid, signal.SIGTERM)
+        assert helper.wait(30) == 0
