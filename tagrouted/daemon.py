@@ -370,7 +370,8 @@ class Daemon:
         self._missing_logged = False
         if not explicit and digest in (self._config_digest, self._rejected_digest):
             return "unchanged", []
-        self.notifier.reloading()
+        if self.snap.ready:  # before READY=1 systemd is still waiting for the start
+            self.notifier.reloading()
         try:
             config = load_config(self.config_path)
         except ConfigError as e:
@@ -412,7 +413,7 @@ class Daemon:
                     w.resolve(reply)
                 work.waiters = []
         if not parts:
-            if outcome in ("applied", "rejected"):
+            if outcome in ("applied", "rejected") and self.snap.ready:
                 self.notifier.ready(self._status_line())  # ends RELOADING=1
                 self._publish(None)
             return
@@ -447,7 +448,7 @@ class Daemon:
             self.notifier.ready(self._status_line())
         else:
             self._publish(result)
-            if outcome in ("applied", "rejected") or explicit:
+            if self.snap.ready and (outcome in ("applied", "rejected") or explicit):
                 self.notifier.ready(self._status_line())  # ends RELOADING=1
             else:
                 self.notifier.status(self._status_line())

@@ -206,6 +206,11 @@ class DaemonProc:
         return self.ns.run([TAGROUTECTL, "--config", self.config, "--run-dir", self.run_dir, *args],
                            check=False, timeout=timeout)
 
+    def wait_listening(self, timeout: float = 20) -> None:
+        """Until the control socket answers (before READY=1 when the first converge fails)."""
+        wait_for(lambda: self._check_alive() or self.ctl("status", "--json").returncode == 0,
+                 timeout=timeout, interval=0.05, what="the control socket")
+
     def status(self) -> dict[str, Any]:
         res = self.ctl("status", "--json")
         if res.returncode != 0:

@@ -368,6 +368,34 @@ def test_bad_edit_keeps_the_old_state_and_reload_fails(host: Host) -> None:
     assert d.status()["config_errors"] == []
 
 
+def test_a_failing_first_converge_is_retried_and_ready_waits_for_success(host: Host) -> None:
+    """IPv6 off on tun0: the kernel refuses table 42's IPv6 route (EACCES). The daemon applies
+    what it can, says so in STATUS=, retries on its own timer (nothing else changes), and
+    sends READY=1 only once a converge succeeded."""
+    host.ns.run("sysctl -q -w net.ipv6.conf.tun0.disable_ipv6=1")
+    d = host.daemon()
+    d.wait_listening()
+    wait_for(lambda: (d.status()["last_error"] or {}).get("message"), what="the first failure")
+    status = d.status()
+    assert status["ready"] is False and status["in_sync"] is False
+    assert "EACCES" in status["last_error"]["message"], status["last_error"]
+    assert "fwmark 0x2a lookup 42" in host.out("ip -4 rule show"), "what can be applied is applied"
+    passes = status["passes"]
+    wait_for(lambda: d.status()["passes"] >= passes + 2, what="retries on the timer")
+    assert "READY=1" not in d.notified()
+    assert any(n.startswith("STATUS=starting") and "EACCES" in n for n in d.notified())
+    errors = [r for r in d.all_records() if r["LEVEL"] == "ERROR"]
+    assert len(errors) == 1, "one record per distinct error, not one per retry"
+
+    host.ns.run("sysctl -q -w net.ipv6.conf.tun0.disable_ipv6=0")
+    d.wait_ready()
+    wait_for(host.in_place, what="converged after the fix")
+    status = d.status()
+    assert status["ready"] is True and status["in_sync"] is True
+    assert "EACCES" in status["last_error"]["message"], "the last error stays on record"
+    d.wait_record(lambda r: r["MESSAGE"].startswith("recovered"), what="the recovery record")
+
+
 # ---- crash and restart, stop ---------------------------------------------------------------
 def test_sigkill_and_restart_adopts_without_duplicates(host: Host) -> None:
     d1 = host.daemon()
