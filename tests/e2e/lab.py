@@ -142,11 +142,13 @@ class Lab:
 
     manager: "tagrouted" runs the daemon on every host of the path ("apply" if it is not
     installed yet), "apply" converges once with `tagroutectl apply`, "recipe" runs the seed's
-    one-shot commands (tests/bench/recipe_up.sh)."""
+    one-shot commands (tests/bench/recipe_up.sh). keep_dir (or TAGROUTED_LAB_KEEP=1) keeps the
+    directory with the configs and logs after teardown, for a look after a failure."""
 
     def __init__(self, variant: Variant = "openvpn", layout: Layout = "seed",
                  manager: Manager = "tagrouted",
-                 progress: Callable[[str], None] | None = None, keep_dir: bool = False) -> None:
+                 progress: Callable[[str], None] | None = None,
+                 keep_dir: bool = bool(os.environ.get("TAGROUTED_LAB_KEEP"))) -> None:
         assert variant in ("openvpn", "wireguard") and layout in ("seed", "combined")
         assert manager in ("tagrouted", "apply", "recipe")
         if manager == "tagrouted" and not daemon_available():
@@ -160,7 +162,7 @@ class Lab:
         self.vpn_server_proc: subprocess.Popen[bytes] | None = None
         self.vpn_client_proc: subprocess.Popen[bytes] | None = None
         self._logs: list[IO[bytes]] = []
-        self.tmp = Path(tempfile.mkdtemp(prefix="tagrouted-lab-"))
+        self.tmp = Path()  # made by build(): a lab never entered leaves nothing behind
         combined = layout == "combined"
         self.service4 = "192.168.100.2" if combined else "192.168.100.3"
         self.service6 = "fd00:100::2" if combined else "fd00:100::3"
@@ -193,6 +195,7 @@ class Lab:
     # ---- build -------------------------------------------------------------------------------
     def build(self) -> None:
         t0 = time.monotonic()
+        self.tmp = Path(tempfile.mkdtemp(prefix="tagrouted-lab-"))
         self.say("making the PKI (CA, server, client, web certificates; tls-auth key)")
         self.pki = pki()
         self.say(f"building the {self.layout} topology as network namespaces")
@@ -608,9 +611,20 @@ verb 3
         """Wait until TLS through the public IPv4 address answers with the client's address;
         returns the seconds it took."""
         t0 = time.monotonic()
-        wait_for(lambda: self.request_tcp(PUBLIC4, TLS_PORT, timeout=1.0) == CLIENT4,
-                 timeout=timeout, interval=0.05, what="TLS through the public address")
+        try:
+            wait_for(lambda: self.request_tcp(PUBLIC4, TLS_PORT, timeout=1.0) == CLIENT4,
+                     timeout=timeout, interval=0.05, what="TLS through the public address")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.diagnostics()}") from None
         return time.monotonic() - t0
+
+    def diagnostics(self, lines: int = 12) -> str:
+        """The tail of every log of the lab (VPN, tagrouted, service), for a failure message."""
+        parts = [f"lab {self.variant}/{self.layout} ({self.manager}), files in {self.tmp}"]
+        for path in sorted((self.tmp / "log").glob("*.log")):
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- {path.name}\n" + "\n".join(tail))
+        return "\n".join(parts)
 
     # ---- teardown ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -630,7 +644,7 @@ verb 3
             with contextlib.suppress(Exception):
                 f.close()
         self._logs.clear()
-        if not self.keep_dir:
+        if not self.keep_dir and self.tmp.name.startswith("tagrouted-lab-"):
             shutil.rmtree(self.tmp, ignore_errors=True)
         _open_labs.discard(self)
 
