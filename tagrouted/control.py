@@ -133,10 +133,11 @@ def format_status(status: dict[str, Any]) -> str:
         row("in sync", "yes" if status.get("in_sync") else "no")
     last = status.get("last_converge") or {}
     if last:
-        row("last pass", f"{_when(last.get('time'))} ({last.get('reason', '?')}, "
+        row("last pass", f"{_when(last.get('time'))} ({last.get('trigger', '?')}, "
                          f"{last.get('duration_ms', 0):.1f} ms, {last.get('changes', 0)} changes)")
     change = status.get("last_change") or {}
-    row("last change", f"{_when(change.get('time'))}: {change['message']}" if change else "none")
+    row("last change", f"{_when(change.get('time'))}: {change['message']} ({change.get('reason', '?')})"
+        if change else "none")
     row("repairs", status.get("repairs", 0))
     err = status.get("last_error")
     if err:

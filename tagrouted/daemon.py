@@ -429,7 +429,7 @@ class Daemon:
         elapsed = time.perf_counter() - t0
         self._echo_until = time.monotonic() + ECHO_WINDOW
         reason = self._reason(result, config, outcome == "applied", "overflow" in causes)
-        self._record(result, reason, parts, elapsed)
+        self._record(result, reason, parts, elapsed, causes)
         if FIREWALL in parts:
             self._read_counters(config, result.desired)
         if FIREWALL in parts and ROUTING in parts:
@@ -471,7 +471,8 @@ class Daemon:
         self._carry_reason = None if result.ok else reason
         return reason
 
-    def _record(self, result: ConvergeResult, reason: str, parts: set[str], elapsed: float) -> None:
+    def _record(self, result: ConvergeResult, reason: str, parts: set[str], elapsed: float,
+                causes: set[str]) -> None:
         now = time.time()
         for change in result.changes:
             self._log_change(change, reason)
@@ -485,7 +486,11 @@ class Daemon:
                 log.info("note: %s", note)
         self._last_notes = notes
         self.snap.passes += 1
-        self.snap.last_converge = {"time": now, "reason": reason, "duration_ms": round(elapsed * 1000, 3),
+        # trigger: what woke the worker (start, netlink, file, reload, timer, retry, overflow);
+        # the reason of a change is decided from what changed, see _reason.
+        self.snap.last_converge = {"time": now, "trigger": "+".join(sorted(causes)),
+                                   "reason": reason if result.changes else None,
+                                   "duration_ms": round(elapsed * 1000, 3),
                                    "changes": len(result.changes), "parts": sorted(parts)}
         for part in parts:
             self._part_ok[part] = result.ok

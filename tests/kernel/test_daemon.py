@@ -160,7 +160,7 @@ def test_start_converges_tells_systemd_and_answers_status(host: Host) -> None:
     assert status["in_sync"] is True and status["ready"] is True
     assert status["last_error"] is None and status["repairs"] == 0
     assert status["last_change"]["message"] in messages
-    assert status["last_converge"]["reason"] == "start"
+    assert status["last_change"]["reason"] == "start" and status["last_converge"]["trigger"]
     assert status["version"] and status["started"] > 0
     assert [s["name"] for s in status["services"]] == ["web", "echo", "web6"]
     assert all(s["packets"] == 0 and s["bytes"] == 0 for s in status["services"]), status["services"]
