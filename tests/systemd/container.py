@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -73,19 +74,23 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def apt_mirror() -> str:
-    """The Debian mirror apt already uses here (deb822 sources first, then sources.list)."""
-    sources = Path("/etc/apt/sources.list.d/debian.sources")
-    candidates: list[str] = []
-    if sources.exists():
-        candidates += [line.split()[1] for line in sources.read_text().splitlines()
-                       if line.startswith("URIs:") and len(line.split()) > 1]
-    legacy = Path("/etc/apt/sources.list")
-    if legacy.exists():
-        candidates += [line.split()[1] for line in legacy.read_text().splitlines()
-                       if line.startswith("deb ") and len(line.split()) > 2]
-    for uri in candidates:
-        if "security" not in uri:
-            return uri
+    """The Debian mirror apt already uses here: the first source that serves SUITE itself."""
+    entries: list[tuple[list[str], list[str]]] = []  # (URIs, suites) per deb822 stanza or line
+    for sources in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        for stanza in re.split(r"\n\s*\n", sources.read_text(errors="replace")):
+            fields = dict(re.findall(r"^(\w[\w-]*):[ \t]*(.*)$", stanza, re.M))
+            if "deb" in fields.get("Types", "").split() and fields.get("Enabled", "yes") != "no":
+                entries.append((fields.get("URIs", "").split(), fields.get("Suites", "").split()))
+    for path in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*.list"))]:
+        with contextlib.suppress(OSError):
+            for line in path.read_text(errors="replace").splitlines():
+                # `deb [signed-by=... arch=...] URI SUITE ...`: the URI is the first word after options
+                words = re.sub(r"\[[^]]*\]", " ", line).split()
+                if len(words) > 2 and words[0] == "deb":
+                    entries.append(([words[1]], [words[2]]))
+    for uris, suites in entries:
+        if SUITE in suites and uris:
+            return uris[0]
     return "http://deb.debian.org/debian"
 
 
@@ -131,6 +136,9 @@ def ensure_rootfs(timeout: float = 900) -> tuple[Path, float | None]:
         (scratch / ".tagrouted-test-complete").write_text(f"{ROOTFS_STAMP}\n")
         shutil.rmtree(final, ignore_errors=True)
         scratch.rename(final)
+        for stale in CACHE.glob(f"rootfs-{SUITE}-*"):  # older recipes' trees: ~340 MB each
+            if stale != final and not stale.name.endswith(".building"):
+                shutil.rmtree(stale, ignore_errors=True)
         seconds = time.monotonic() - t0
         _log(f"rootfs built in {seconds:.0f}s")
         return final, seconds
@@ -155,9 +163,12 @@ def _project_requirements(repo: Path) -> list[str]:
 def ensure_wheelhouse(repo: Path, timeout: float = 600) -> tuple[Path, float | None]:
     """Wheels of the dependencies (same versions as the venv), built on the host once and cached.
 
-    The host and the container are both Debian bookworm with CPython 3.11, so wheels built here
-    (systemd-python and python-iptables compile against the host's libsystemd / are ctypes) load
-    inside. The container has no network (--private-network): it installs with --no-index."""
+    Why not Debian's python3-* packages inside: bookworm has pyroute2 0.7.2 and watchdog 2.2.1,
+    older than pyproject allows (>=0.7.12, >=3.0), and python-iptables 1.0.1 where the suite runs
+    1.2.0; the container should run what every other test runs. The host and the container are
+    both Debian bookworm with CPython 3.11, so wheels built here (systemd-python and
+    python-iptables compile C extensions) load inside. The container has no network
+    (--private-network): it installs with --no-index from these wheels."""
     pins = _project_requirements(repo)
     key = hashlib.sha1(" ".join(pins).encode()).hexdigest()[:12]
     house = CACHE / f"wheels-{key}"

@@ -68,6 +68,7 @@ def ct(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
     if not UNIT.exists():
         pytest.fail(f"{UNIT} is missing")
     t0 = time.monotonic()
+    failed_before = request.session.testsfailed
     rootfs, built = ensure_rootfs()
     REPORT["rootfs"] = f"built in {built:.0f}s" if built is not None else "cached"
     wheels, _ = ensure_wheelhouse(REPO)
@@ -88,7 +89,7 @@ def ct(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
         REPORT["install"] = f"{time.monotonic() - t1:.1f}s"
         yield container
     finally:
-        if request.session.testsfailed:
+        if request.session.testsfailed > failed_before and container.leader:
             dump_journal(container)
         container.close()
         REPORT["module"] = f"{time.monotonic() - t0:.0f}s"
@@ -284,11 +285,15 @@ def test_watchdog_restarts_a_hung_daemon_which_adopts_the_state(ct: Container) -
              and int(show(ct, "NRestarts")) > restarts,
              timeout=WATCHDOG_SEC * 3 + 30, interval=0.2, what="systemd to restart the daemon")
     new_pid = show(ct, "MainPID")
-    assert any("Failed with result 'watchdog'" in str(r.get("MESSAGE")) for r in journal(ct)), \
-        "systemd killed it for the watchdog, not for anything else"
+    wait_for(lambda: any("Failed with result 'watchdog'" in str(r.get("MESSAGE")) for r in journal(ct)),
+             timeout=20, what="systemd's record that the watchdog (not anything else) killed it")
     # The new daemon adopted what was there: same state, nothing twice, nothing re-added.
     assert snapshot(ct) == before
     assert vpn_client_state_in_place(ct)
+    # journald takes datagrams asynchronously: wait for the new daemon's own first-converge
+    # record, which it sends after any change record of that converge.
+    wait_for(lambda: any(r.get("_PID") == new_pid and "converged" in str(r.get("MESSAGE"))
+                         for r in journal(ct)), timeout=20, what="the new daemon's converge record")
     redone = [r["MESSAGE"] for r in change_records(ct, new_pid)]
     assert redone == [], redone
 
