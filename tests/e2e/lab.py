@@ -23,10 +23,8 @@ home fd00:100::/64 (homerouter ::1, vpnclient ::2, web ::3, lanhost ::4).
 Combined layout (layout="combined"): the remote is a VPS running the VPN server itself
 (vps.yaml; there is no vpnserver namespace and no br0), and the VPN client namespace is the home
 router of home-router.yaml (vpn-client + service, 192.168.100.2, the service runs there; `web`
-is that namespace). The ISP's NAT box stays upstream as `homerouter`. Documented substitution:
-vps.yaml exposes its services at 192.168.100.3 / fd00:100::3, the seed's web host; in this
-layout they live on the home router, so the lab's copy of vps.yaml points them at
-192.168.100.2 / fd00:100::2 (exactly what home-router.yaml admits). Every other example file
+is that namespace). The ISP's NAT box stays upstream as `homerouter`. vps.yaml and
+home-router.yaml are a pair (services at 192.168.100.2 / fd00:100::2). Every example file
 serves the lab unchanged.
 
 Tunnel: OpenVPN (TLS, tls-auth, `mode server`, client-config-dir with `iroute`, `route`/`push`)
@@ -309,9 +307,6 @@ class Lab:
             (self.tmp / d).mkdir()
         for host, example in self.examples.items():
             text = (EXAMPLES / example).read_text()
-            if self.layout == "combined" and example == "vps.yaml":
-                # the documented substitution: the services live on the home router here
-                text = text.replace("192.168.100.3", "192.168.100.2").replace("fd00:100::3", "fd00:100::2")
             path = self.tmp / "etc" / f"{host}.yaml"
             path.write_text(text)
             self.configs[host] = path
