@@ -76,7 +76,7 @@ def tracebacks(d: DaemonProc) -> list[str]:
 
 # A pass that raced the link going down: the kernel refuses `dev tun0` (ENETDOWN) or the link
 # is gone (ENODEV); the daemon logs it and passes again. Expected only while links flap.
-LINK_RACE = ("its link is down", "ENETDOWN", "ENODEV", "no such device")
+LINK_RACE = ("its link is down", "ENETDOWN", "ENODEV", "no such device", "is not present")
 
 
 def error_records(d: DaemonProc, allow: tuple[str, ...] = ()) -> list[str]:

@@ -5,7 +5,8 @@ sysctls), next to foreign rules, a foreign chain, a foreign ip rule and a foreig
 
 After each tamper the whole kernel state, as a user dumps it, returns to exactly what it was
 after the first converge (foreign state included: tagrouted never touches it), the daemon
-names what it repaired in its log, and it logs no error. resync_interval is 0.5 s here, so
+names what it repaired in its log, and it logs no error (but for a pass that raced tun0 being
+recreated: the kernel refuses `dev tun0` meanwhile, and the daemon passes again). resync_interval is 0.5 s here, so
 what the kernel does not announce (iptables-legacy, sysctls) is repaired quickly.
 """
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 from conftest import (
+    LINK_RACE,
     Namespaces,
     differences,
     error_records,
@@ -221,6 +223,7 @@ def test_all_kinds_at_once_are_repaired(host: Host) -> None:
 def test_no_errors_and_no_tracebacks(host: Host) -> None:
     """Last in the module: across the whole matrix, nothing the daemon could not handle."""
     assert tracebacks(host.daemon) == []
-    assert error_records(host.daemon) == []
+    # only passes that raced tun0 being recreated (the kernel refuses `dev tun0` meanwhile)
+    assert error_records(host.daemon, allow=LINK_RACE) == []
     status = host.daemon.status()
     assert status["in_sync"] and status["repairs"] > 0, status
