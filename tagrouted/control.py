@@ -202,7 +202,6 @@ class ControlServer:
         finally:
             os.umask(old)
         sock.listen(16)
-        sock.settimeout(0.5)  # the accept loop looks at the stop flag this often
         self._sock = sock
         self._ino = os.stat(self.path).st_ino
 
@@ -212,6 +211,9 @@ class ControlServer:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept (EINVAL)
         if self._thread is not None:
             self._thread.join(timeout=2)
         if self._sock is not None:
@@ -227,8 +229,6 @@ class ControlServer:
         while not self._stop.is_set():
             try:
                 conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
             except OSError as e:
                 if self._stop.is_set():
                     return

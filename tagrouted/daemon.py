@@ -432,6 +432,9 @@ class Daemon:
         self._record(result, reason, parts, elapsed, causes)
         if FIREWALL in parts:
             self._read_counters(config, result.desired)
+        log.debug("pass (%s; %s) took %.1f ms (+%.1f ms after), %d changes", "+".join(sorted(causes)),
+                  "+".join(sorted(parts)), elapsed * 1000, (time.perf_counter() - t0 - elapsed) * 1000,
+                  len(result.changes))
         if FIREWALL in parts and ROUTING in parts:
             self._next_resync = time.monotonic() + self._interval(config)
         if outcome == "applied" or explicit:

@@ -262,7 +262,7 @@ class ConfigWatcher:
     def start(self) -> None:
         from watchdog.observers import Observer
 
-        self._observer = Observer(timeout=0.2)
+        self._observer = Observer(timeout=1.0)  # how often its idle threads wake: keep it rare
         self._observer.daemon = True
         self._observer.start()
         self.rewatch()
