@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import os
 import pickle
+import re
 import secrets
 import shlex
 import signal
@@ -156,6 +157,35 @@ def wait_for(pred: Callable[[], Any], timeout: float = 10, interval: float = 0.0
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def kernel_snapshot(out: Callable[[list[str]], str], sysctls: Iterable[str]) -> dict[str, str]:
+    """What a user compares before/after: rules, all routes, legacy tables without counters,
+    and the given sysctls ("" when absent). `out` runs a command on the host and returns stdout."""
+    def save(cmd: str) -> str:
+        # A legacy table springs into being (empty) once read; an empty one counts as absent.
+        text = "\n".join(x for x in out([cmd]).splitlines() if not x.startswith("#"))
+        text = re.sub(r"\[\d+:\d+\]", "[0:0]", text)
+        return "".join("*" + block for block in text.split("*")[1:]
+                       if any(x.startswith(("-A", ":")) and not re.match(r":[A-Z]+ ACCEPT ", x)
+                              for x in block.splitlines()))
+
+    def routes(family: str) -> str:
+        # IPv6 link-local and local-table entries come and go with address autoconfiguration.
+        return "\n".join(x for x in out(["ip", family, "route", "show", "table", "all"]).splitlines()
+                         if "fe80::" not in x and "table local" not in x)
+
+    snap = {
+        "rules4": out(["ip", "-4", "rule", "show"]),
+        "rules6": out(["ip", "-6", "rule", "show"]),
+        "routes4": routes("-4"),
+        "routes6": routes("-6"),
+        "ipt4": save("iptables-legacy-save"),
+        "ipt6": save("ip6tables-legacy-save"),
+    }
+    for key in sysctls:
+        snap[key] = out(["sh", "-c", f"sysctl -n {key} 2>/dev/null || true"]).strip()
+    return snap
 
 
 def remove_all(namespaces: Iterable[Netns]) -> None:

@@ -7,12 +7,11 @@ leaves the namespace exactly as it found it.
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
 import pytest
-from nslab import Netns, veth
+from nslab import Netns, kernel_snapshot, veth
 
 pytestmark = pytest.mark.kernel
 
@@ -49,32 +48,7 @@ def ctl(ns: Netns, config: Path, run_dir: Path, *args: str) -> tuple[int, str, s
 
 
 def snapshot(ns: Netns) -> dict[str, str]:
-    """Everything a user would compare: rules, all routes, legacy tables (no counters), sysctls."""
-    def save(cmd: str) -> str:
-        # A legacy table springs into being (empty) once read; an empty one counts as absent.
-        text = "\n".join(x for x in ns.out(cmd).splitlines() if not x.startswith("#"))
-        text = re.sub(r"\[\d+:\d+\]", "[0:0]", text)
-        blocks = text.split("*")[1:]
-        return "".join("*" + b for b in blocks
-                       if any(x.startswith(("-A", ":")) and not re.match(r":[A-Z]+ ACCEPT ", x)
-                              for x in b.splitlines()))
-
-    def routes(family: str) -> str:
-        # IPv6 link-local and local-table entries come and go with address autoconfiguration.
-        return "\n".join(x for x in ns.out(f"ip {family} route show table all").splitlines()
-                         if "fe80::" not in x and "table local" not in x)
-
-    snap = {
-        "rules4": ns.out("ip -4 rule show"),
-        "rules6": ns.out("ip -6 rule show"),
-        "routes4": routes("-4"),
-        "routes6": routes("-6"),
-        "ipt4": save("iptables-legacy-save"),
-        "ipt6": save("ip6tables-legacy-save"),
-    }
-    for key in SYSCTLS:
-        snap[key] = ns.run(["sysctl", "-n", key], check=False).stdout.strip()
-    return snap
+    return kernel_snapshot(ns.out, SYSCTLS)
 
 
 @pytest.mark.parametrize(("example", "tun"), [

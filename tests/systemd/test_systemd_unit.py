@@ -32,7 +32,7 @@ from container import (
     ensure_wheelhouse,
     nspawn_unavailable_reason,
 )
-from nslab import RUN_PREFIX, wait_for
+from nslab import RUN_PREFIX, kernel_snapshot, wait_for
 
 pytestmark = pytest.mark.systemd
 
@@ -136,30 +136,7 @@ def is_active(c: Container) -> str:
 
 def snapshot(c: Container) -> dict[str, str]:
     """The container's whole routing and legacy-iptables state plus our sysctls (no counters)."""
-    def save(cmd: str) -> str:
-        # A legacy table springs into being (empty) once read; an empty one counts as absent.
-        text = "\n".join(line for line in c.out(cmd).splitlines() if not line.startswith("#"))
-        text = re.sub(r"\[\d+:\d+\]", "[0:0]", text)
-        return "".join("*" + block for block in text.split("*")[1:]
-                       if any(x.startswith(("-A", ":")) and not re.match(r":[A-Z]+ ACCEPT ", x)
-                              for x in block.splitlines()))
-
-    def routes(family: str) -> str:
-        # IPv6 link-local and local-table entries come and go with address autoconfiguration.
-        return "\n".join(x for x in c.out(f"ip {family} route show table all").splitlines()
-                         if "fe80::" not in x and "table local" not in x)
-
-    snap = {
-        "rules4": c.out("ip -4 rule show"),
-        "rules6": c.out("ip -6 rule show"),
-        "routes4": routes("-4"),
-        "routes6": routes("-6"),
-        "ipt4": save("iptables-legacy-save"),
-        "ipt6": save("ip6tables-legacy-save"),
-    }
-    for key in SYSCTLS:
-        snap[key] = c.out(["sysctl", "-n", key]).strip()
-    return snap
+    return kernel_snapshot(c.out, SYSCTLS)
 
 
 def vpn_client_state_in_place(c: Container) -> bool:
