@@ -203,6 +203,7 @@ class Daemon:
         self._next_ping: float | None = None
         self._last_error_text: str | None = None
         self._echo_until = 0.0
+        self._links_seen: dict[int, tuple[str | None, bool] | None] = {}  # netlink thread only
         self._passing = False
         self._stop_watchdog = False
         self._worker: threading.Thread | None = None
@@ -259,19 +260,32 @@ class Daemon:
 
     # ---- pokes (any thread) ----------------------------------------------------------------
     def on_netlink(self, events: list[NlEvent]) -> None:
+        """(netlink thread) Poke for what can change the desired state or undo ours."""
         table = self.config.tag.table
         echo = self._passing or time.monotonic() < self._echo_until
+        relevant = False
         for ev in events:
-            if ev.kind in ("link", "addr"):
-                break
-            ours = ev.table == table or (ev.kind == "route" and ev.proto == ROUTE_PROTO)
-            if ours and not (ev.new and echo):
-                break
-        else:
-            return
-        self.trigger.poke("netlink", {ROUTING}, NETLINK_GAP)
+            if ev.kind == "link":
+                # What the compiler reads of a link is its name and IFF_UP; the RTM_NEWLINKs
+                # that only report carrier or operstate (linkwatch, ~1 per flap) change nothing.
+                seen = (ev.ifname, bool(ev.up)) if ev.new else None
+                if ev.index is None or self._links_seen.get(ev.index) != seen:
+                    relevant = True
+                if ev.index is not None:
+                    if seen is None:
+                        self._links_seen.pop(ev.index, None)
+                    else:
+                        self._links_seen[ev.index] = seen
+            elif ev.kind == "addr":
+                relevant = True  # a gateway may become reachable for a `via` route
+            else:
+                ours = ev.table == table or (ev.kind == "route" and ev.proto == ROUTE_PROTO)
+                relevant = relevant or (ours and not (ev.new and echo))
+        if relevant:
+            self.trigger.poke("netlink", {ROUTING}, NETLINK_GAP)
 
     def on_overflow(self, why: str) -> None:
+        self._links_seen.clear()  # events were lost: the next of each link counts again
         self.trigger.poke("overflow", ALL_PARTS)
 
     def on_file_change(self) -> None:

@@ -65,6 +65,7 @@ GROUPS = (RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_RO
           | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_RULE | RTMGRP_IPV6_RULE)
 NLMSG_ERROR, NLMSG_OVERRUN = 2, 4
 IFLA_IFNAME, RTA_TABLE, FRA_TABLE = 3, 15, 15
+IFF_UP = 0x1
 _NLMSGHDR = struct.Struct("=IHHII")
 _IFINFOMSG = struct.Struct("=BxHiII")
 _RTMSG = struct.Struct("=BBBBBBBBI")  # rtmsg and fib_rule_hdr share this layout
@@ -87,6 +88,7 @@ class NlEvent:
     proto: int | None = None     # route: rtm_protocol
     ifname: str | None = None    # link: IFLA_IFNAME
     index: int | None = None     # link/addr: ifindex
+    up: bool | None = None       # link: IFF_UP
 
 
 def _attr(data: bytes, start: int, end: int, wanted: int) -> bytes | None:
@@ -114,10 +116,10 @@ def parse_events(data: bytes) -> list[NlEvent]:
         if kind is not None:
             name, new = kind
             if name == "link" and body + _IFINFOMSG.size <= end:
-                _fam, _type, index, _flags2, _change = _IFINFOMSG.unpack_from(data, body)
+                _fam, _type, index, ifflags, _change = _IFINFOMSG.unpack_from(data, body)
                 raw = _attr(data, body + _IFINFOMSG.size, end, IFLA_IFNAME)
                 ifname = raw.split(b"\0", 1)[0].decode(errors="replace") if raw else None
-                out.append(NlEvent("link", new, ifname=ifname, index=index))
+                out.append(NlEvent("link", new, ifname=ifname, index=index, up=bool(ifflags & IFF_UP)))
             elif name == "addr" and body + 8 <= end:
                 index = struct.unpack_from("=i", data, body + 4)[0]
                 out.append(NlEvent("addr", new, index=index))
