@@ -17,11 +17,12 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_INVALID, EXIT_DRIFT, EXIT_NO_DAEMON = 0, 1, 2, 3
 DEFAULT_RUN_DIR = "/run/tagrouted"
+# Kept equal to config.DEFAULT_CONFIG_PATH (a unit test checks): `status` must not pay for
+# importing the config module and PyYAML.
+DEFAULT_CONFIG_PATH = "/etc/tagrouted/tagrouted.yaml"
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .config import DEFAULT_CONFIG_PATH
-
     p = argparse.ArgumentParser(prog="tagroutectl", description="Drive and inspect tagrouted.")
     p.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="config file (%(default)s)")
     p.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help="run directory (%(default)s)")
@@ -146,7 +147,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         reply = request(args.run_dir, {"command": "status"})
     except NoDaemon as e:
-        print(f"tagrouted is not running: {e}", file=sys.stderr)
+        _no_daemon(e)
         return EXIT_NO_DAEMON
     if args.json:
         print(json.dumps(reply["status"], indent=2, sort_keys=True))
@@ -163,17 +164,29 @@ def cmd_reload(args: argparse.Namespace) -> int:
     try:
         reply = request(args.run_dir, {"command": "reload"}, timeout=60)
     except NoDaemon as e:
-        print(f"tagrouted is not running: {e}", file=sys.stderr)
+        _no_daemon(e)
         return EXIT_NO_DAEMON
     if reply.get("ok"):
         for line in reply.get("changes", []):
             print(line)
+        # The file was accepted; what could not be applied yet is retried by the daemon.
+        for line in reply.get("apply_errors", []):
+            print(f"error (retrying): {line}", file=sys.stderr)
         print("reloaded")
         return EXIT_OK
     for line in reply.get("errors", []):
         print(line, file=sys.stderr)
     print("reload rejected: the running state is kept", file=sys.stderr)
     return EXIT_INVALID
+
+
+def _no_daemon(e: Exception) -> None:
+    from .control import Refused
+
+    if isinstance(e, Refused):
+        print(f"tagrouted refused the request: {e}", file=sys.stderr)
+    else:
+        print(f"tagrouted is not running: {e}", file=sys.stderr)
 
 
 COMMANDS = {

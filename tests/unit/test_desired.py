@@ -310,3 +310,9 @@ def test_cli_fast_paths_do_not_import_the_kernel_libraries() -> None:
         pytest.skip("examples not present")
     res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
     assert res.stderr.strip().endswith("[]"), res.stderr
+
+
+def test_cli_default_config_path_is_the_config_modules() -> None:
+    from tagrouted import cli, config
+
+    assert cli.DEFAULT_CONFIG_PATH == config.DEFAULT_CONFIG_PATH
