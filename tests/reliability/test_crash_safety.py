@@ -26,9 +26,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from conftest import ctl, tracebacks
 from daemon_harness import DaemonProc
 from nslab import Netns, veth, wait_for
+from reliability_support import ctl, tracebacks
 
 pytestmark = pytest.mark.kernel
 

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LINK_RACE, ctl, error_records, tracebacks
 from daemon_harness import DaemonProc
 from nslab import Netns, veth
+from reliability_support import LINK_RACE, ctl, error_records, tracebacks
 
 pytestmark = pytest.mark.kernel
 

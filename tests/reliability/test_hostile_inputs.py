@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Namespaces, ctl, differences, error_records, snapshot, tracebacks
 from daemon_harness import DaemonProc
 from nslab import Netns, veth, wait_for
+from reliability_support import Namespaces, ctl, differences, error_records, snapshot, tracebacks
 
 pytestmark = pytest.mark.kernel
 

@@ -16,7 +16,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from conftest import (
+from daemon_harness import DaemonProc
+from nslab import Netns, veth, wait_for
+from reliability_support import (
     LINK_RACE,
     Namespaces,
     differences,
@@ -25,8 +27,6 @@ from conftest import (
     snapshot,
     tracebacks,
 )
-from daemon_harness import DaemonProc
-from nslab import Netns, veth, wait_for
 
 pytestmark = pytest.mark.kernel
 
