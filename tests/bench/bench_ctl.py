@@ -72,10 +72,7 @@ def run_size(n: int, trials: int, tmp: Path) -> dict[str, list[float]]:
             assert reply.get("ok"), reply
         return out
     finally:
-        if daemon is not None:
-            daemon.stop()
-        ns.delete()
-        peer.delete()
+        B.teardown(daemon, ns, peer)
 
 
 def main() -> int:
@@ -83,10 +80,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="10,1000")
     ap.add_argument("--trials", type=int, default=30)
     args = ap.parse_args()
-    B.require_root()
-    print(f"# bench_ctl: {B.machine_line()}")
-    if not B.daemon_available():
-        print("# tagrouted daemon not installed (tagrouted.daemon_main): nothing to measure")
+    if not B.begin("bench_ctl"):
         return 0
     rows = []
     with tempfile.TemporaryDirectory(prefix="tgr-bench-ctl-") as tmpdir:

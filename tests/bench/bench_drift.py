@@ -92,10 +92,7 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--iptables-trials", type=int, default=25)
     args = ap.parse_args()
-    B.require_root()
-    print(f"# bench_drift: {B.machine_line()}")
-    if not B.daemon_available():
-        print("# tagrouted daemon not installed (tagrouted.daemon_main): nothing to measure")
+    if not B.begin("bench_drift"):
         return 0
     rows, notes = [], []
     with tempfile.TemporaryDirectory(prefix="tgr-bench-drift-") as tmpdir:
@@ -133,10 +130,7 @@ def main() -> int:
                          f"{status.get('in_sync')}, {len(errors)} error records")
             notes += [f"  - {e}" for e in errors[:5]]
         finally:
-            if daemon is not None:
-                daemon.stop()
-            ns.delete()
-            peer.delete()
+            B.teardown(daemon, ns, peer)
             B.sweep_run_prefix()
     B.print_table(f"Drift repair, vpn-client, resync_interval {RESYNC:g} s (ms)",
                   ["tampered", "trials", "not repaired", "p50", "p99", "max", "goal"], rows)

@@ -67,10 +67,7 @@ def idle(seconds: float, tmp: Path) -> dict[str, Any]:
         return {"cpu": (cpu1 - cpu0) / (t1 - t0), "rss_max": max(rss), "rss_end": rss[-1],
                 "seconds": t1 - t0, "passes": status.get("passes"), "repairs": status.get("repairs")}
     finally:
-        if daemon is not None:
-            daemon.stop()
-        ns.delete()
-        peer.delete()
+        B.teardown(daemon, ns, peer)
 
 
 def flaps(n: int, tmp: Path) -> dict[str, Any]:
@@ -100,10 +97,7 @@ def flaps(n: int, tmp: Path) -> dict[str, Any]:
         return {"before": before, "warm": warm, "after": after, "missed": missed,
                 "elapsed": elapsed, "errors": len(errors)}
     finally:
-        if daemon is not None:
-            daemon.stop()
-        ns.delete()
-        peer.delete()
+        B.teardown(daemon, ns, peer)
 
 
 def main() -> int:
@@ -111,10 +105,7 @@ def main() -> int:
     ap.add_argument("--idle", type=float, default=120)
     ap.add_argument("--flaps", type=int, default=2000)
     args = ap.parse_args()
-    B.require_root()
-    print(f"# bench_idle: {B.machine_line()}")
-    if not B.daemon_available():
-        print("# tagrouted daemon not installed (tagrouted.daemon_main): nothing to measure")
+    if not B.begin("bench_idle"):
         return 0
     mb = 2**20
     with tempfile.TemporaryDirectory(prefix="tgr-bench-idle-") as tmpdir:

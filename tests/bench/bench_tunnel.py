@@ -135,10 +135,7 @@ def run_side(side: str, mode: str, flaps: int, gap: float, tmp: Path) -> dict[st
             res["counts"]["daemon RSS MB"] = f"{daemon.rss_bytes() / 2**20:.1f}"
         return res
     finally:
-        if daemon is not None:
-            daemon.stop()
-        ns.delete()
-        peer.delete()
+        B.teardown(daemon, ns, peer)
 
 
 def main() -> int:

@@ -190,6 +190,24 @@ def daemon_available() -> bool:
     return importlib.util.find_spec("tagrouted.daemon_main") is not None
 
 
+def begin(bench: str) -> bool:
+    """Common start of a daemon benchmark: root, the machine line; False if no daemon to measure."""
+    require_root()
+    print(f"# {bench}: {machine_line()}")
+    if not daemon_available():
+        print("# tagrouted daemon not installed (tagrouted.daemon_main): nothing to measure")
+        return False
+    return True
+
+
+def teardown(daemon: Daemon | None, *namespaces: Netns) -> None:
+    """Stop the daemon we started (by PID, via Daemon.stop), then remove our namespaces."""
+    if daemon is not None:
+        daemon.stop()
+    for ns in namespaces:
+        ns.delete()
+
+
 def gateway_host(name: str) -> tuple[Netns, Netns]:
     """A namespace shaped like the seed's public server: eth0 (a veth to a peer namespace of
     ours) with 192.0.2.200 and 192.168.200.1/24, so the route via 192.168.200.2 is accepted."""
