@@ -22,9 +22,10 @@ from .plan import jump_line, route_key, route_line, rule_line
 from .state import TABLE_ORDER, Change, DesiredState, HostFacts, OwnedChain, Sysctl
 from .sysctl import SavedSysctls, read_sysctl, write_sysctl
 
-ROUTING = "routing"    # policy rules, routes, sysctls: what links coming and going change
-FIREWALL = "firewall"  # our iptables chains: what only config changes or tampering change
-ALL_PARTS = frozenset({ROUTING, FIREWALL})
+ROUTING = "routing"    # policy rules and routes: netlink announces every change to them
+SYSCTLS = "sysctls"    # /proc/sys values: links bring them, nothing announces a reset
+FIREWALL = "firewall"  # our iptables chains: only config changes or tampering change them
+ALL_PARTS = frozenset({ROUTING, SYSCTLS, FIREWALL})
 
 
 @dataclass
@@ -75,14 +76,15 @@ class Converger:
                  dry_run: bool = False, parts: frozenset[str] = ALL_PARTS) -> ConvergeResult:
         """Make the kernel hold exactly what `config` wants here (nothing, when None).
 
-        `parts` narrows the work to ROUTING and/or FIREWALL: a link event cannot change what our
-        chains should hold (they name interfaces, not indexes), so it needs no iptables pass."""
+        `parts` narrows the work to ROUTING, SYSCTLS and/or FIREWALL: a link event cannot change
+        what our chains should hold (they name interfaces, not indexes), so it needs no iptables
+        pass; a timer pass need not re-dump the rules and routes netlink reports changes of."""
         desired, facts = self.desired(config, tag or (config.tag if config else Tag()))
         result = ConvergeResult(desired, facts, notes=list(desired.notes))
         steps: list[tuple[str, str, Callable[[ConvergeResult, bool], None]]] = [
             (ROUTING, "policy rules", self._rules),
             (ROUTING, "routes", self._routes),
-            (ROUTING, "sysctls", self._sysctls),
+            (SYSCTLS, "sysctls", self._sysctls),
             (FIREWALL, "iptables", self._iptables),
         ]
         for part, name, step in steps:

@@ -16,8 +16,10 @@ Threads and who may do what:
 
 Coalescing: a poke sets a due time (now + its gap: a few ms for netlink, longer for file
 events, none for reload/timers); every cause that arrives before the worker takes the slot
-joins the same pass. Link, address, route and rule events converge only ROUTING (rules,
-routes, sysctls); start, reload, the resync timer and a netlink overflow converge everything.
+joins the same pass. Link, address, route and rule events converge ROUTING (rules, routes)
+and SYSCTLS (a new tunnel's rp_filter); the resync timer converges what no event announces
+(SYSCTLS, FIREWALL), and every ROUTING_SAFETY_EVERY-th timer pass ROUTING too, as a safety net;
+start, reload, retries and a netlink overflow converge everything.
 Our own route/rule writes echo back as RTM_NEW* events: additions seen while a pass runs or
 just after it are dropped, deletions always poke (a repeat pass that finds nothing to do
 writes nothing, so echoes cannot loop).
@@ -44,13 +46,17 @@ from typing import Any
 
 from . import __version__
 from .config import Config, ConfigError, load_config
-from .converge import ALL_PARTS, FIREWALL, ROUTING, Converger, ConvergeResult
+from .converge import ALL_PARTS, FIREWALL, ROUTING, SYSCTLS, Converger, ConvergeResult
 from .events import ConfigWatcher, NetlinkWatcher, NlEvent
 from .journal import Notifier, fields
 from .state import ROUTE_PROTO, Change, DesiredState, HostFacts
 
 log = logging.getLogger("tagrouted.daemon")
 
+# The timer re-reads what the kernel does not announce; rules and routes only as a safety net
+# (netlink reports their every change, and a lost event is an overflow, which resyncs all).
+TIMER_PARTS = frozenset({SYSCTLS, FIREWALL})
+ROUTING_SAFETY_EVERY = 10
 NETLINK_GAP = 0.001    # s: gathers one burst of rtnetlink events into one pass
 FILE_GAP = 0.05        # s: an editor's write-rename-chmod sequence is one change
 ECHO_WINDOW = 0.25     # s after a pass in which RTM_NEW* of our table are our own echo
@@ -196,7 +202,8 @@ class Daemon:
         self._last_links: dict[str, tuple[int, bool] | None] | None = None
         self._last_notes: set[str] = set()
         self._carry_reason: str | None = None
-        self._part_ok = {ROUTING: False, FIREWALL: False}
+        self._part_ok = dict.fromkeys(ALL_PARTS, False)
+        self._timer_passes = 0
         self._backoff = FIRST_RETRY
         self._retry_at: float | None = None
         self._next_resync = time.monotonic() + self._interval(config)
@@ -282,7 +289,7 @@ class Daemon:
                 ours = ev.table == table or (ev.kind == "route" and ev.proto == ROUTE_PROTO)
                 relevant = relevant or (ours and not (ev.new and echo))
         if relevant:
-            self.trigger.poke("netlink", {ROUTING}, NETLINK_GAP)
+            self.trigger.poke("netlink", {ROUTING, SYSCTLS}, NETLINK_GAP)
 
     def on_overflow(self, why: str) -> None:
         self._links_seen.clear()  # events were lost: the next of each link counts again
@@ -325,7 +332,9 @@ class Daemon:
                         self.trigger.poke("retry", ALL_PARTS)
                     if now >= self._next_resync:
                         self._next_resync = now + self._interval(self.config)
-                        self.trigger.poke("timer", ALL_PARTS)
+                        self._timer_passes += 1
+                        safety = self._timer_passes % ROUTING_SAFETY_EVERY == 0
+                        self.trigger.poke("timer", ALL_PARTS if safety else TIMER_PARTS)
                     continue
                 if work.stop:
                     self._on_stop(converger, work)
@@ -431,7 +440,7 @@ class Daemon:
                 self.notifier.ready(self._status_line())  # ends RELOADING=1
                 self._publish(None)
             return
-        if "timer" in causes or "overflow" in causes or "retry" in causes:
+        if "overflow" in causes or "retry" in causes:
             parts |= ALL_PARTS
         config = self.config
         t0 = time.perf_counter()
@@ -449,7 +458,7 @@ class Daemon:
         log.debug("pass (%s; %s) took %.1f ms (+%.1f ms after), %d changes", "+".join(sorted(causes)),
                   "+".join(sorted(parts)), elapsed * 1000, (time.perf_counter() - t0 - elapsed) * 1000,
                   len(result.changes))
-        if FIREWALL in parts and ROUTING in parts:
+        if parts >= TIMER_PARTS:
             self._next_resync = time.monotonic() + self._interval(config)
         if outcome == "applied" or explicit:
             reply: dict[str, Any] = {"ok": True, "changes": [c.message for c in result.changes],

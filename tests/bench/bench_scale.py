@@ -101,9 +101,9 @@ def inproc_trial(config_path: str, run_dir: str, noops: int, profile: bool) -> d
         out["warm"] = time.perf_counter() - t0
         assert res.ok and res.changes, res.errors
         # the no-op's parts: routing (netlink + sysctls) vs firewall (6 tables read and compared)
-        from tagrouted.converge import FIREWALL, ROUTING
+        from tagrouted.converge import FIREWALL, ROUTING, SYSCTLS
         t0 = time.perf_counter()
-        conv.converge(config, parts=frozenset({ROUTING}))
+        conv.converge(config, parts=frozenset({ROUTING, SYSCTLS}))
         out["noop_routing"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         conv.converge(config, parts=frozenset({FIREWALL}))
