@@ -11,6 +11,8 @@ Threading: one Converger per process, used from one thread (the reconcile worker
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -47,6 +49,7 @@ class Converger:
     def __init__(self, run_dir: str) -> None:
         self.netlink = NetlinkAdapter()
         self.saved = SavedSysctls(run_dir)
+        self.tables = RoutingTables(run_dir)
         # desired_state is pure: the same config object and equal facts give the same state,
         # and compiling 1000 services costs ~25 ms of every periodic pass (bench_scale)
         self._last_compiled: tuple[Config, HostFacts, DesiredState] | None = None
@@ -94,12 +97,16 @@ class Converger:
                 step(result, dry_run)
             except Exception as e:  # one failing step must not stop the others
                 result.errors.append(f"{name}: {type(e).__name__}: {e}")
+        if ROUTING in parts and result.ok and not dry_run:
+            self.tables.keep_only(desired.table)  # earlier tables are empty now
         return result
 
     # ---- steps ---------------------------------------------------------------------------
     def _rules(self, result: ConvergeResult, dry_run: bool) -> None:
         desired = result.desired
-        kernel = self.netlink.read_rules(desired.table)
+        if not dry_run:
+            self.tables.add(desired.table)  # recorded before we write into it
+        kernel = frozenset().union(*(self.netlink.read_rules(t) for t in self.tables.owned(desired.table)))
         for rule in sorted(desired.rules - kernel):
             if not dry_run:
                 self.netlink.add_rule(rule)
@@ -111,7 +118,7 @@ class Converger:
 
     def _routes(self, result: ConvergeResult, dry_run: bool) -> None:
         desired = result.desired
-        kernel = self.netlink.read_routes(desired.table)
+        kernel = frozenset().union(*(self.netlink.read_routes(t) for t in self.tables.owned(desired.table)))
         errors: list[str] = []
         for route in sorted(desired.routes - kernel, key=route_key):
             try:
@@ -187,6 +194,39 @@ def _change(action: str, obj: str, what: str, family: int) -> Change:
     return Change(action, obj, f"{action} {obj} {what}{suffix}")  # type: ignore[arg-type]
 
 
+class RoutingTables:
+    """The routing tables T we have written into, kept in RUN_DIR/tables.json, so a tag.table
+    changed by a reload or while we were stopped is still swept (its rules and routes are ours)."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.path = os.path.join(run_dir, "tables.json")
+
+    def _read(self) -> set[int]:
+        try:
+            with open(self.path) as f:
+                return {int(t) for t in json.load(f)}
+        except (OSError, ValueError, TypeError):
+            return set()
+
+    def _write(self, tables: set[int]) -> None:
+        tmp = f"{self.path}.tmp"
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            json.dump(sorted(tables), f)
+        os.replace(tmp, self.path)
+
+    def owned(self, table: int) -> list[int]:
+        return sorted(self._read() | {table})
+
+    def add(self, table: int) -> None:
+        tables = self._read()
+        if table not in tables:
+            self._write(tables | {table})
+
+    def keep_only(self, table: int) -> None:
+        if self._read() != {table}:
+            self._write({table})
+
+
 def _fam(family: int) -> str:
     return "IPv4" if family == 4 else "IPv6"
 
@@ -195,10 +235,11 @@ def drift_lines(converger: Converger, config: Config) -> list[str]:
     """`tagroutectl diff`: +/- lines of what the kernel lacks (+) or has in excess (-)."""
     desired, _ = converger.desired(config, config.tag)
     lines: list[str] = []
-    kernel_rules = converger.netlink.read_rules(desired.table)
+    tables = converger.tables.owned(desired.table)
+    kernel_rules = frozenset().union(*(converger.netlink.read_rules(t) for t in tables))
     lines += [f"+{rule_line(r)}" for r in sorted(desired.rules - kernel_rules)]
     lines += [f"-{rule_line(r)}" for r in sorted(kernel_rules - desired.rules)]
-    kernel_routes = converger.netlink.read_routes(desired.table)
+    kernel_routes = frozenset().union(*(converger.netlink.read_routes(t) for t in tables))
     lines += [f"+{route_line(r)}" for r in sorted(desired.routes - kernel_routes, key=route_key)]
     lines += [f"-{route_line(r)}" for r in sorted(kernel_routes - desired.routes, key=route_key)]
     for s in desired.sysctls:

@@ -148,3 +148,24 @@ def test_tunnel_gone_leaves_the_unreachable_fallback(netns: type[Netns], tmp_pat
     table = ns.out("ip -4 route show table 42")
     assert "unreachable default" in table and "tun0" not in table
     assert ctl(ns, config, tmp_path, "diff")[:2] == (0, "")
+
+
+def test_a_changed_table_is_swept(netns: type[Netns], tmp_path: Path) -> None:
+    """tag.table changed between two applies: the old table's rule and routes go, none linger."""
+    ns = host(netns, "tb", tun=True)
+    first = tmp_path / "t42.yaml"
+    first.write_text((EXAMPLES / "vpn-client.yaml").read_text())
+    moved = tmp_path / "t43.yaml"
+    moved.write_text((EXAMPLES / "vpn-client.yaml").read_text() + "\ntag: {table: 43}\n")
+    assert ctl(ns, first, tmp_path, "apply")[0] == 0
+    assert "lookup 42" in ns.out("ip -4 rule show")
+    code, out, err = ctl(ns, moved, tmp_path, "apply")
+    assert code == 0, err
+    assert "lookup 42" not in ns.out("ip -4 rule show") + ns.out("ip -6 rule show")
+    assert ns.out("ip -4 route show table 42").strip() == ""
+    assert ns.out("ip -6 route show table 42").strip() == ""
+    assert "lookup 43" in ns.out("ip -4 rule show")
+    assert "default dev tun0" in ns.out("ip -4 route show table 43")
+    assert ctl(ns, moved, tmp_path, "diff")[:2] == (0, "")
+    assert ctl(ns, moved, tmp_path, "down")[0] == 0
+    assert ns.out("ip -4 route show table 43").strip() == ""
