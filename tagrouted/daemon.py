@@ -535,7 +535,7 @@ class Daemon:
                 self.snap.tunnel_up = up
         if result.errors:
             self._failed("; ".join(result.errors))
-        else:
+        elif self.snap.in_sync:  # a pass that skipped the failing part has not recovered it
             self._backoff = FIRST_RETRY
             self._retry_at = None
             if self._last_error_text is not None:

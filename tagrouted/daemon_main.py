@@ -57,6 +57,17 @@ def _holder(run_dir: str) -> str:
     return ""
 
 
+def _cap_malloc_arenas() -> None:
+    """glibc gives each thread its own malloc arena: RSS crept ~5 MB over 2000 tunnel flaps.
+    Two arenas suffice for our few threads (same as MALLOC_ARENA_MAX=2; an env value wins)."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(-8, 2)  # M_ARENA_MAX
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import logging
@@ -85,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("another tagrouted runs with the run directory %s%s", run_dir, _holder(run_dir))
         return 1
 
+    _cap_malloc_arenas()
     # Before any thread exists: every thread inherits the mask, only sigtimedwait sees these.
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     from .control import AlreadyRunning
