@@ -161,6 +161,7 @@ def test_a_changed_table_is_swept(netns: type[Netns], tmp_path: Path) -> None:
     assert "lookup 42" in ns.out("ip -4 rule show")
     code, out, err = ctl(ns, moved, tmp_path, "apply")
     assert code == 0, err
+    assert "removed rule fwmark 0x2a lookup 42 pref 1042" in out, out
     assert "lookup 42" not in ns.out("ip -4 rule show") + ns.out("ip -6 rule show")
     assert ns.out("ip -4 route show table 42").strip() == ""
     assert ns.out("ip -6 route show table 42").strip() == ""
