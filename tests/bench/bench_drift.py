@@ -97,13 +97,9 @@ def main() -> int:
     rows, notes = [], []
     with tempfile.TemporaryDirectory(prefix="tgr-bench-drift-") as tmpdir:
         tmp = Path(tmpdir)
-        ns = B.Netns("drift")
-        peer = B.Netns("drift-peer")
+        ns, peer = B.vpn_client_host("drift")
         daemon = None
         try:
-            B.veth(ns, "eth0", peer, "eth1")
-            ns.run("ip tuntap add dev tun0 mode tun")
-            ns.run("ip link set tun0 up")
             config = tmp / "vpn-client.yaml"
             config.write_text(B.vpn_client_config(2, rp_filter="loose"))
             daemon = B.Daemon(ns, config, tmp / "run", tmp / "tagrouted.log")

@@ -71,13 +71,9 @@ def idle(seconds: float, tmp: Path) -> dict[str, Any]:
 
 
 def flaps(n: int, tmp: Path) -> dict[str, Any]:
-    ns = B.Netns("flaps")
-    peer = B.Netns("flaps-peer")
+    ns, peer = B.vpn_client_host("flaps")
     daemon = None
     try:
-        B.veth(ns, "eth0", peer, "eth1")
-        ns.run("ip tuntap add dev tun0 mode tun")
-        ns.run("ip link set tun0 up")
         config = tmp / "vpn-client.yaml"
         config.write_text(B.vpn_client_config(2))
         daemon = B.Daemon(ns, config, tmp / "run-flaps", tmp / "flaps.log")

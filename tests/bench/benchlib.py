@@ -208,6 +208,16 @@ def teardown(daemon: Daemon | None, *namespaces: Netns) -> None:
         ns.delete()
 
 
+def vpn_client_host(name: str) -> tuple[Netns, Netns]:
+    """A home VPN client: eth0 (a veth to a peer namespace of ours) and tun0, up."""
+    ns = Netns(name)
+    peer = Netns(name + "-peer")
+    veth(ns, "eth0", peer, "eth1")
+    ns.run("ip tuntap add dev tun0 mode tun")
+    ns.run("ip link set tun0 up")
+    return ns, peer
+
+
 def gateway_host(name: str) -> tuple[Netns, Netns]:
     """A namespace shaped like the seed's public server: eth0 (a veth to a peer namespace of
     ours) with 192.0.2.200 and 192.168.200.1/24, so the route via 192.168.200.2 is accepted."""
