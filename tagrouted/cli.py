@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .config import Config
+    from .core.config import Config
 
 EXIT_OK, EXIT_INVALID, EXIT_DRIFT, EXIT_NO_DAEMON = 0, 1, 2, 3
 DEFAULT_RUN_DIR = "/run/tagrouted"
@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load(path: str) -> Config | None:
     """The config, or None after printing every problem as FILE:LINE: key: what is wrong."""
-    from .config import ConfigError, load_config
+    from .core.config import ConfigError, load_config
 
     try:
         return load_config(path)
@@ -59,8 +59,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .desired import assumed_facts, desired_state
-    from .plan import plan_lines
+    from .core.desired import assumed_facts, desired_state
+    from .core.plan import plan_lines
 
     config = _load(args.config)
     if config is None:
@@ -77,7 +77,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _legacy_notice() -> None:
-    from .iptables import iptables_command_is_nft
+    from .kernel.firewall.iptables_legacy import iptables_command_is_nft
 
     if iptables_command_is_nft():
         print("note: this host's `iptables` is the nf_tables variant; tagrouted's rules live in "
@@ -86,7 +86,7 @@ def _legacy_notice() -> None:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from .converge import Converger, drift_lines
+    from .kernel.converge import Converger, drift_lines
 
     config = _load(args.config)
     if config is None:
@@ -99,7 +99,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def _report(result: object) -> int:
-    from .converge import ConvergeResult
+    from .kernel.converge import ConvergeResult
 
     assert isinstance(result, ConvergeResult)
     for change in result.changes:
@@ -114,7 +114,7 @@ def _report(result: object) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from .converge import Converger
+    from .kernel.converge import Converger
 
     config = _load(args.config)
     if config is None:
@@ -126,8 +126,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from .config import ConfigError, Tag, load_config
-    from .converge import Converger
+    from .core.config import ConfigError, Tag, load_config
+    from .kernel.converge import Converger
 
     try:
         tag = load_config(args.config).tag
@@ -142,7 +142,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from .control import NoDaemon, request
+    from .daemon.control import NoDaemon, request
 
     try:
         reply = request(args.run_dir, {"command": "status"})
@@ -152,14 +152,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(reply["status"], indent=2, sort_keys=True))
     else:
-        from .control import format_status
+        from .daemon.control import format_status
 
         print(format_status(reply["status"]))
     return EXIT_OK
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    from .control import NoDaemon, request
+    from .daemon.control import NoDaemon, request
 
     try:
         reply = request(args.run_dir, {"command": "reload"}, timeout=60)
@@ -181,7 +181,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def _no_daemon(e: Exception) -> None:
-    from .control import Refused
+    from .daemon.control import Refused
 
     if isinstance(e, Refused):
         print(f"tagrouted refused the request: {e}", file=sys.stderr)

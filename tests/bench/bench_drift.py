@@ -61,7 +61,7 @@ def netlink_trials(kind: str, trials: int) -> dict[str, Any]:
 
 def iptables_trials(kind: str, trials: int, resync: float) -> dict[str, Any]:
     """Inside the namespace: flush our mangle chain (or delete its jump) and time the repair."""
-    from tagrouted import iptables
+    from tagrouted.kernel.firewall import iptables_legacy as iptables
 
     def whole() -> bool:
         t = iptables.read_table(4, "mangle")

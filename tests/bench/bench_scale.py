@@ -62,9 +62,9 @@ def ctl_trials(config: str, run_dir: str, trials: int) -> dict[str, list[float]]
 
 def inproc_trial(config_path: str, run_dir: str, noops: int, profile: bool) -> dict[str, Any]:
     """One process's life: cold first converge, no-op reconciles, down, warm re-converge."""
-    from tagrouted import iptables
-    from tagrouted.config import load_config
-    from tagrouted.converge import Converger
+    from tagrouted.core.config import load_config
+    from tagrouted.kernel.converge import Converger
+    from tagrouted.kernel.firewall import iptables_legacy as iptables
 
     iptables._iptc()  # the libraries are loaded; what follows is our own work
     out: dict[str, Any] = {}
@@ -101,7 +101,7 @@ def inproc_trial(config_path: str, run_dir: str, noops: int, profile: bool) -> d
         out["warm"] = time.perf_counter() - t0
         assert res.ok and res.changes, res.errors
         # the no-op's parts: routing (netlink + sysctls) vs firewall (6 tables read and compared)
-        from tagrouted.converge import FIREWALL, ROUTING, SYSCTLS
+        from tagrouted.kernel.converge import FIREWALL, ROUTING, SYSCTLS
         t0 = time.perf_counter()
         conv.converge(config, parts=frozenset({ROUTING, SYSCTLS}))
         out["noop_routing"] = time.perf_counter() - t0

@@ -149,7 +149,7 @@ def main() -> int:
     print(f"# bench_tunnel: {B.machine_line()}")
     sides = args.sides.split(",")
     if "tagrouted" in sides and not B.daemon_available():
-        print("# tagrouted daemon not installed yet (tagrouted.daemon_main): its rows are skipped")
+        print("# tagrouted daemon not installed yet (tagrouted.daemon.main): its rows are skipped")
         sides.remove("tagrouted")
     rows, notes = [], []
     with tempfile.TemporaryDirectory(prefix="tgr-bench-tunnel-") as tmpdir:

@@ -38,7 +38,7 @@ VENV_BIN = REPO / ".venv" / "bin"
 PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
 TAGROUTECTL = [PYTHON, "-m", "tagrouted.cli"]
 TAGROUTED = ([str(VENV_BIN / "tagrouted")] if (VENV_BIN / "tagrouted").exists()
-             else [PYTHON, "-c", "import sys; from tagrouted.daemon_main import main; sys.exit(main())"])
+             else [PYTHON, "-c", "import sys; from tagrouted.daemon.main import main; sys.exit(main())"])
 RECIPE_UP = BENCH / "recipe_up.sh"
 
 __all__ = [
@@ -124,13 +124,13 @@ class Daemon:
         self.pid = self.proc.pid
 
     def request(self, command: str, timeout: float = 60) -> dict[str, Any]:
-        from tagrouted.control import request  # stdlib only: no kernel library in this process
+        from tagrouted.daemon.control import request  # stdlib only: no kernel library in this process
 
         return request(str(self.run_dir), {"command": command}, timeout=timeout)
 
     def wait_ready(self, timeout: float = 60) -> dict[str, Any]:
         """Until `status` answers and says the first converge is done and in sync."""
-        from tagrouted.control import NoDaemon
+        from tagrouted.daemon.control import NoDaemon
 
         def ready() -> dict[str, Any] | None:
             if self.proc.poll() is not None:
@@ -187,7 +187,7 @@ class Daemon:
 def daemon_available() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("tagrouted.daemon_main") is not None
+    return importlib.util.find_spec("tagrouted.daemon.main") is not None
 
 
 def begin(bench: str) -> bool:
@@ -195,7 +195,7 @@ def begin(bench: str) -> bool:
     require_root()
     print(f"# {bench}: {machine_line()}")
     if not daemon_available():
-        print("# tagrouted daemon not installed (tagrouted.daemon_main): nothing to measure")
+        print("# tagrouted daemon not installed (tagrouted.daemon.main): nothing to measure")
         return False
     return True
 

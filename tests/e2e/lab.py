@@ -129,7 +129,7 @@ def daemon_available() -> bool:
     exe = VENV_BIN / "tagrouted"
     if not exe.exists():
         return False
-    res = subprocess.run([str(VENV_BIN / "python"), "-c", "import tagrouted.daemon_main"],
+    res = subprocess.run([str(VENV_BIN / "python"), "-c", "import tagrouted.daemon.main"],
                          capture_output=True)
     return res.returncode == 0
 

@@ -17,7 +17,7 @@ MEASUREMENTS: list[str] = []
 def require_daemon(lab: Lab) -> None:
     """Skip a test that needs the long-running daemon when the lab could only `apply`."""
     if lab.manager != "tagrouted":
-        pytest.skip("the tagrouted daemon is not installed (no tagrouted.daemon_main): the lab "
+        pytest.skip("the tagrouted daemon is not installed (no tagrouted.daemon.main): the lab "
                     "ran `tagroutectl apply` instead, which cannot react to tunnel flaps or flushes")
 
 

@@ -10,8 +10,8 @@ from collections.abc import Callable
 import pytest
 from nslab import Netns, veth, wait_for
 
-from tagrouted.conntrack import delete_udp_entries
-from tagrouted.state import ConntrackFlush
+from tagrouted.core.state import ConntrackFlush
+from tagrouted.kernel.conntrack import delete_udp_entries
 
 pytestmark = pytest.mark.kernel
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from nslab import Netns, wait_for
 
-from tagrouted import iptables
-from tagrouted.state import BUILTIN_CHAINS, Change, FirewallRule, KernelTable, Match, OwnedChain
+from tagrouted.core.state import BUILTIN_CHAINS, Change, FirewallRule, KernelTable, Match, OwnedChain
+from tagrouted.kernel.firewall import iptables_legacy as iptables
 
 pytestmark = pytest.mark.kernel
 

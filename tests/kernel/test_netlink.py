@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from nslab import Netns, wait_for
 
-from tagrouted.netlink import NetlinkAdapter, NetlinkFailed, NetlinkTransient
-from tagrouted.state import ROUTE_PROTO, UNREACHABLE_METRIC, PolicyRule, Route
+from tagrouted.core.state import ROUTE_PROTO, UNREACHABLE_METRIC, PolicyRule, Route
+from tagrouted.kernel.netlink import NetlinkAdapter, NetlinkFailed, NetlinkTransient
 
 pytestmark = pytest.mark.kernel
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from nslab import Netns
 
-from tagrouted.sysctl import SavedSysctls, conf_key, key_to_path, read_sysctl, write_sysctl
+from tagrouted.kernel.sysctl import SavedSysctls, conf_key, key_to_path, read_sysctl, write_sysctl
 
 pytestmark = pytest.mark.kernel
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tagrouted import config as config_module
-from tagrouted.config import (
+from tagrouted.core import config as config_module
+from tagrouted.core.config import (
     MAX_FILE_BYTES,
     Config,
     ConfigError,
@@ -567,7 +567,7 @@ def test_broken_corpus_files(path: Path) -> None:
 
 
 def test_import_pulls_no_edge_library() -> None:
-    code = ("import sys, tagrouted.config; "
+    code = ("import sys, tagrouted.core.config; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'pyroute2', 'iptc', 'watchdog', 'systemd'}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

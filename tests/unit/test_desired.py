@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tagrouted.config import (
+from tagrouted.core.config import (
     Config,
     GatewaySection,
     PortRange,
@@ -22,9 +22,9 @@ from tagrouted.config import (
     VpnServerSection,
     load_config,
 )
-from tagrouted.desired import assumed_facts, desired_state, empty_state
-from tagrouted.plan import plan_lines
-from tagrouted.state import UNREACHABLE_METRIC, HostFacts, LinkFacts, PolicyRule, Route, Sysctl
+from tagrouted.core.desired import assumed_facts, desired_state, empty_state
+from tagrouted.core.plan import plan_lines
+from tagrouted.core.state import UNREACHABLE_METRIC, HostFacts, LinkFacts, PolicyRule, Route, Sysctl
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "etc" / "tagrouted" / "examples"
@@ -313,6 +313,7 @@ def test_cli_fast_paths_do_not_import_the_kernel_libraries() -> None:
 
 
 def test_cli_default_config_path_is_the_config_modules() -> None:
-    from tagrouted import cli, config
+    from tagrouted import cli
+    from tagrouted.core import config
 
     assert cli.DEFAULT_CONFIG_PATH == config.DEFAULT_CONFIG_PATH

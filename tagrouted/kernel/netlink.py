@@ -43,7 +43,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from .state import ROUTE_PROTO, Family, HostFacts, LinkFacts, PolicyRule, Route
+from ..core.state import ROUTE_PROTO, Family, HostFacts, LinkFacts, PolicyRule, Route
 
 RTPROT_KERNEL = 2
 RTM_F_CLONED = 0x200

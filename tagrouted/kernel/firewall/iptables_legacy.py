@@ -67,8 +67,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .diff import FAMILY_NAME, chain_changes
-from .state import (
+from ...core.diff import FAMILY_NAME, chain_changes
+from ...core.state import (
     BUILTIN_CHAINS,
     CHAIN_PREFIX,
     JUMP_COMMENT,

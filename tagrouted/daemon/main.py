@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(args.log_level)
     log = logging.getLogger("tagrouted")
-    from .config import ConfigError, load_config
+    from ..core.config import ConfigError, load_config
 
     try:
         config = load_config(args.config)
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     # Before any thread exists: every thread inherits the mask, only sigtimedwait sees these.
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     from .control import AlreadyRunning
-    from .daemon import Daemon
+    from .scheduler import Daemon
 
     notifier = Notifier()
     test_faults = os.environ.get("TAGROUTED_TEST_FAULTS") == "1"

@@ -18,9 +18,9 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from . import iptables
-from .config import Config, Service
-from .state import DesiredState, Family, FirewallRule, Match
+from ...core.config import Config, Service
+from ...core.state import DesiredState, Family, FirewallRule, Match
+from . import iptables_legacy as iptables
 
 _COUNTERS = struct.Struct("=QQ")  # struct xt_counters: pcnt, bcnt
 

@@ -16,12 +16,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import conntrack, iptables
-from .config import Config, Tag
-from .desired import desired_state, empty_state
+from ..core.config import Config, Tag
+from ..core.desired import desired_state, empty_state
+from ..core.plan import jump_line, route_key, route_line, rule_line
+from ..core.state import TABLE_ORDER, Change, DesiredState, HostFacts, OwnedChain, Sysctl
+from . import conntrack
+from .firewall import iptables_legacy as iptables
 from .netlink import NetlinkAdapter
-from .plan import jump_line, route_key, route_line, rule_line
-from .state import TABLE_ORDER, Change, DesiredState, HostFacts, OwnedChain, Sysctl
 from .sysctl import SavedSysctls, read_sysctl, write_sysctl
 
 ROUTING = "routing"    # policy rules and routes: netlink announces every change to them

@@ -44,12 +44,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import __version__
-from .config import Config, ConfigError, load_config
-from .converge import ALL_PARTS, FIREWALL, ROUTING, SYSCTLS, Converger, ConvergeResult
+from .. import __version__
+from ..core.config import Config, ConfigError, load_config
+from ..core.state import ROUTE_PROTO, Change, DesiredState, HostFacts
+from ..kernel.converge import ALL_PARTS, FIREWALL, ROUTING, SYSCTLS, Converger, ConvergeResult
 from .events import ConfigWatcher, NetlinkWatcher, NlEvent
 from .journal import Notifier, fields
-from .state import ROUTE_PROTO, Change, DesiredState, HostFacts
 
 log = logging.getLogger("tagrouted.daemon")
 
@@ -355,7 +355,7 @@ class Daemon:
 
     def _note_legacy_iptables(self) -> None:
         with contextlib.suppress(Exception):
-            from .iptables import iptables_command_is_nft
+            from ..kernel.firewall.iptables_legacy import iptables_command_is_nft
 
             if iptables_command_is_nft():
                 log.info("`iptables` on this host is the nf_tables variant; tagrouted's rules live in "
@@ -569,7 +569,7 @@ class Daemon:
 
     def _read_counters(self, config: Config, desired: DesiredState) -> None:
         try:
-            from .counters import read_counters, service_rules
+            from ..kernel.firewall.legacy_counters import read_counters, service_rules
 
             self.snap.counters = read_counters(service_rules(config, desired))
         except Exception as e:  # counters are informative: never fail a pass over them

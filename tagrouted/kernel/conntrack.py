@@ -24,7 +24,7 @@ from pyroute2.conntrack import Conntrack, ConntrackEntry
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
-from .state import ConntrackFlush
+from ..core.state import ConntrackFlush
 
 # No conntrack netlink here, or nothing tracked: there is nothing to delete.
 NOTHING_TO_DELETE = frozenset({errno.ENOENT, errno.EOPNOTSUPP, errno.EPROTONOSUPPORT, errno.ENOSYS})

@@ -1,0 +1,1 @@
+"""The firewall edge: one interface the converger calls, one module per backend."""
