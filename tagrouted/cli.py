@@ -61,28 +61,31 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from .core.desired import assumed_facts, desired_state
     from .core.plan import plan_lines
+    from .kernel.firewall import choose
 
     config = _load(args.config)
     if config is None:
         return EXIT_INVALID
     facts = assumed_facts(config)
     state = desired_state(config, facts)
+    choice = choose(config.firewall.backend)
     print(f"# tagrouted plan for {args.config} (roles: {', '.join(config.roles)})")
+    print(f"# firewall backend: {choice.backend} ({choice.why})")
     print(f"# assuming these interfaces are present: {', '.join(link.name for link in facts.links)}")
     for note in state.notes:
         print(f"# note: {note}")
-    for line in plan_lines(state):
+    for line in plan_lines(state, choice.backend):
         print(line)
     return EXIT_OK
 
 
-def _legacy_notice() -> None:
-    from .kernel.firewall.iptables_legacy import iptables_command_is_nft
+def _legacy_notice(config: Config) -> None:
+    from .kernel.firewall import IPTABLES_LEGACY, choose, iptables_variant
 
-    if iptables_command_is_nft():
-        print("note: this host's `iptables` is the nf_tables variant; tagrouted's rules live in "
-              "the legacy tables: see them with iptables-legacy-save / ip6tables-legacy-save",
-              file=sys.stderr)
+    if choose(config.firewall.backend).backend == IPTABLES_LEGACY and iptables_variant() == "nf_tables":
+        print("note: this host's `iptables` is the nf_tables variant; with firewall.backend "
+              "iptables-legacy tagrouted's rules live in the legacy tables: see them with "
+              "iptables-legacy-save / ip6tables-legacy-save", file=sys.stderr)
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
@@ -119,7 +122,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_INVALID
-    _legacy_notice()
+    _legacy_notice(config)
     os.makedirs(args.run_dir, mode=0o700, exist_ok=True)
     with Converger(args.run_dir) as converger:
         return _report(converger.converge(config))

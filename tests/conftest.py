@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from firewall_view import BACKENDS
 from nslab import Netns, remove_all, sweep_run_prefix
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,3 +42,9 @@ def netns() -> Iterator[type[Netns]]:
         yield make  # type: ignore[misc]
     finally:
         remove_all(reversed(made))
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each firewall backend in turn: the same test runs against both."""
+    return str(request.param)

@@ -34,6 +34,9 @@ class Tag:
     mark: int = 42
     table: int = 42
     priority: int = 1042
+    # The bits of the packet mark and connmark that are ours: set, saved, restored and matched
+    # only within them, so other tools' bits (Tailscale 0xff0000, kube-proxy 0x4000) survive.
+    mark_mask: int = 0xFF
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,18 @@ class ServiceSection:
     tunnel_interface: str | None = None
 
 
+Backend = Literal["auto", "nftables", "iptables-legacy"]
+BACKENDS: tuple[str, ...] = ("auto", "nftables", "iptables-legacy")
+
+
+@dataclass(frozen=True)
+class FirewallSection:
+    """Which firewall edge keeps our rules, and what we do about the host's own firewall."""
+
+    backend: Backend = "auto"
+    host_firewall: Literal["integrate", "report"] = "integrate"
+
+
 @dataclass(frozen=True)
 class Config:
     path: str
@@ -117,6 +132,7 @@ class Config:
     service: ServiceSection | None = None
     on_stop: Literal["keep", "remove"] = "keep"
     resync_interval: float = 2.0
+    firewall: FirewallSection = field(default_factory=FirewallSection)
 
     def has(self, role: str) -> bool:
         return role in self.roles
@@ -462,8 +478,10 @@ def _type_name(node: _Node) -> str:
 # --- validation ----------------------------------------------------------------------------
 
 _TOP_KEYS = {"roles": True, "tag": False, "services": False, "gateway": False, "vpn_server": False,
-             "vpn_client": False, "service": False, "on_stop": False, "resync_interval": False}
-_TAG_KEYS = {"dscp": False, "mark": False, "table": False, "priority": False}
+             "vpn_client": False, "service": False, "on_stop": False, "resync_interval": False,
+             "firewall": False}
+_TAG_KEYS = {"dscp": False, "mark": False, "table": False, "priority": False, "mark_mask": False}
+_FIREWALL_KEYS = {"backend": False, "host_firewall": False}
 _SERVICE_KEYS = {"name": True, "proto": True, "port": True, "address": True, "to_port": False}
 _GATEWAY_KEYS = {"public_interface": True, "public_addresses": True, "home_networks": True,
                  "via": False, "forwards": False}
@@ -721,6 +739,7 @@ class _Checker:
         service = self.service_section(n) if (n := given("service")) else None
         on_stop = self.choice(n, "on_stop", ("keep", "remove")) if (n := given("on_stop")) else "keep"
         interval = self.interval(n) if (n := given("resync_interval")) else 2.0
+        firewall = self.firewall(n) if (n := given_collection("firewall")) else FirewallSection()
 
         if roles is not None:
             self.check_sections(top, roles)
@@ -738,7 +757,7 @@ class _Checker:
                      "must differ from tunnel_interface")
 
         if (self.problems or roles is None or tag is None or services is None
-                or on_stop not in ("keep", "remove") or interval is None):
+                or on_stop not in ("keep", "remove") or interval is None or firewall is None):
             return None
         return Config(
             path=self.file,
@@ -751,6 +770,7 @@ class _Checker:
             service=service[0] if service else None,
             on_stop=on_stop,  # type: ignore[arg-type]  # one of the two, checked above
             resync_interval=interval,
+            firewall=firewall,
         )
 
     def roles(self, node: _Node) -> list[tuple[str, _Node]] | None:
@@ -784,6 +804,7 @@ class _Checker:
             "mark": (1, 0xFFFFFFFF, " (0 means unmarked)"),
             "table": (1, 0xFFFFFFFF, ""),
             "priority": (1, PRIORITY_MAX, " (0, 32766 and 32767 are the kernel's own rules)"),
+            "mark_mask": (1, 0xFFFFFFFF, " (the mark bits that are ours)"),
         }
         values: dict[str, int] = {}
         ok = True
@@ -798,7 +819,30 @@ class _Checker:
                 ok = False
             else:
                 values[key] = value
+        if ok and "mark_mask" not in values and values.get("mark", Tag.mark) & ~Tag.mark_mask:
+            # A mark beyond the default mask's bits was valid before masks existed and owned the
+            # whole mark: it keeps that meaning.
+            values["mark_mask"] = 0xFFFFFFFF
+        if ok:
+            mark, mask = values.get("mark", Tag.mark), values.get("mark_mask", Tag.mark_mask)
+            if mark & ~mask:
+                where = "mark_mask" if "mark_mask" in entries else "mark"
+                self.bad(entries[where][1], f"tag.{where}", f"mark {mark:#x} has bits outside "
+                         f"mark_mask {mask:#x}: the mark must lie within the mask")
+                ok = False
         return Tag(**values) if ok else None
+
+    def firewall(self, node: _Node) -> FirewallSection | None:
+        entries = self.mapping(node, "firewall", _FIREWALL_KEYS)
+        if entries is None:
+            return None
+        backend = (self.choice(entries["backend"][1], "firewall.backend", BACKENDS)
+                   if "backend" in entries else "auto")
+        host = (self.choice(entries["host_firewall"][1], "firewall.host_firewall", ("integrate", "report"))
+                if "host_firewall" in entries else "integrate")
+        if backend is None or host is None:
+            return None
+        return FirewallSection(backend, host)  # type: ignore[arg-type]  # checked choices
 
     def service_list(self, node: _Node, path: str) -> list[_Parsed] | None:
         if node.kind == "scalar" and node.value is None:

@@ -1,43 +1,38 @@
 """The desired-state compiler: (config, observed host facts) -> everything this host keeps.
 
-Pure: no I/O, no edge imports. Each role contributes routes, policy rules, sysctls and rules in
-our chains; combined roles on one host merge into one non-duplicated state (a route, rule or
-firewall rule wanted by two roles appears once). The facts it reads are the ones netlink does
+Pure: no I/O, no edge imports. Each role contributes routes, policy rules, sysctls and its part
+of the firewall intent (backend-neutral: core/iptables_rules.py and core/nft_rules.py render it);
+combined roles on one host merge into one non-duplicated state (a route, rule or passage wanted
+by two roles appears once). The facts it reads are the ones netlink does
 not make policy of by itself: which links exist (a route `dev tun0` only while tun0 exists),
 `all.rp_filter` (the kernel uses max(all, if)), and each link's accept_ra.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable
 from ipaddress import IPv4Address
 
 from .config import Config, Family, IPAddress, Service, Tag
 from .state import (
-    BUILTIN_CHAINS,
-    TABLE_ORDER,
     UNREACHABLE_METRIC,
     ConntrackFlush,
     DesiredState,
-    FirewallRule,
+    Exposed,
+    FirewallIntent,
+    GatewayPolicy,
     HostFacts,
     LinkFacts,
-    Match,
-    OwnedChain,
+    Passage,
     PolicyRule,
+    ReplyTagging,
     Route,
     Sysctl,
+    TunnelAdmission,
+    TunnelTagging,
 )
 
 MAIN_TABLE = 254
-ESTABLISHED = FirewallRule(
-    matches=(Match("conntrack", (("ctstate", "RELATED,ESTABLISHED"),)),), target="ACCEPT"
-)
-
-
-def _hex(value: int) -> str:
-    return f"0x{value:02x}"
 
 
 def _host(addr: IPAddress) -> str:
@@ -48,17 +43,9 @@ def _family(addr: IPAddress) -> Family:
     return 4 if isinstance(addr, IPv4Address) else 6
 
 
-def _port_match(svc: Service, public: bool) -> Match:
-    port = svc.port if public else svc.home_port
-    return Match(svc.proto, (("dport", port.iptables),))
-
-
-def _dnat_target(svc: Service) -> str:
-    if svc.to_port is None:
-        return str(svc.address)
-    if svc.family == 6:
-        return f"[{svc.address}]:{svc.to_port}"
-    return f"{svc.address}:{svc.to_port}"
+def exposed(svc: Service, tagged: bool = True) -> Exposed:
+    return Exposed(svc.name, svc.family, svc.proto, (svc.port.first, svc.port.last),
+                   str(svc.address), svc.to_port, tagged)
 
 
 class _Builder:
@@ -69,21 +56,20 @@ class _Builder:
         self.routes: set[Route] = set()
         self.rules: set[PolicyRule] = set()
         self.sysctls: dict[str, str] = {}
-        # An insertion-ordered set per chain: a list's `in` made 1000 services O(N^2) (~0.4 s).
-        self.chain_rules: dict[tuple[Family, str, str], dict[FirewallRule, None]] = defaultdict(dict)
+        self.gateways: list[GatewayPolicy] = []
+        self.passages: dict[Passage, None] = {}
+        self.tunnel_tags: list[TunnelTagging] = []
+        self.admissions: list[TunnelAdmission] = []
+        self.reply_tags: list[ReplyTagging] = []
         self.udp: set[ConntrackFlush] = set()
         self.notes: list[str] = []
-
-    def fw(self, family: Family, table: str, builtin: str, *rules: FirewallRule) -> None:
-        chain = self.chain_rules[(family, table, builtin)]
-        for rule in rules:
-            chain.setdefault(rule, None)
 
     def tagged_routing(self, family: Family, route: Route | None) -> None:
         """Table T's route for tagged replies and the fwmark rule that leads there."""
         if route is not None:
             self.routes.add(route)
-        self.rules.add(PolicyRule(family, self.tag.priority, self.tag.mark, self.tag.table))
+        self.rules.add(PolicyRule(family, self.tag.priority, self.tag.mark, self.tag.table,
+                                  self.tag.mark_mask))
 
     def forwarding(self, family: Family, facts: HostFacts) -> None:
         if family == 4:
@@ -96,18 +82,19 @@ class _Builder:
                 self.sysctls[f"net.ipv6.conf.{link.name}.accept_ra"] = "2"
 
     def build(self) -> DesiredState:
-        chains: list[OwnedChain] = []
-        for family in (4, 6):
-            for table in TABLE_ORDER:
-                for builtin in BUILTIN_CHAINS[table]:
-                    rules = self.chain_rules.get((family, table, builtin))
-                    if rules:
-                        chains.append(OwnedChain(family, table, builtin, tuple(rules)))
+        firewall = FirewallIntent(
+            mark_mask=self.tag.mark_mask,
+            gateways=tuple(self.gateways),
+            passages=tuple(self.passages),
+            tunnel_tags=tuple(self.tunnel_tags),
+            admissions=tuple(self.admissions),
+            reply_tags=tuple(self.reply_tags),
+        )
         return DesiredState(
             routes=frozenset(self.routes),
             rules=frozenset(self.rules),
             sysctls=tuple(Sysctl(k, v) for k, v in sorted(self.sysctls.items())),
-            chains=tuple(chains),
+            firewall=firewall,
             udp_endpoints=frozenset(self.udp),
             table=self.tag.table,
             priority=self.tag.priority,
@@ -137,36 +124,21 @@ def _up(facts: HostFacts, name: str | None) -> bool:
 def _gateway(config: Config, facts: HostFacts, b: _Builder) -> None:
     gw = config.gateway
     assert gw is not None
-    pub = gw.public_interface
     vs = config.vpn_server if config.has("vpn-server") else None
     via_tunnel = vs.tunnel_interface if vs else None
-    exposed = (*config.services, *gw.forwards)
     for family in _families_of(gw.public_addresses):
-        publics = [a for a in gw.public_addresses if _family(a) == family]
-        accepts: list[FirewallRule] = []
-        for svc in (s for s in exposed if s.family == family):
-            for public in publics:
-                b.fw(family, "nat", "PREROUTING", FirewallRule(
-                    in_interface=pub, protocol=svc.proto, destination=_host(public),
-                    matches=(_port_match(svc, public=True),),
-                    target="DNAT", target_options=(("to-destination", _dnat_target(svc)),),
-                ))
-                if svc.proto == "udp":
-                    b.udp.add(ConntrackFlush(family, str(public), svc.port.first, svc.port.last))
-            accepts.append(FirewallRule(
-                in_interface=pub, protocol=svc.proto, destination=_host(svc.address),
-                matches=(_port_match(svc, public=False),), target="ACCEPT",
-            ))
-        # Default-deny toward home: only configured services and forwards pass from outside.
-        denies = [FirewallRule(in_interface=pub, destination=str(net), target="DROP")
-                  for net in gw.home_networks if net.version == family]
+        publics = tuple(str(a) for a in gw.public_addresses if _family(a) == family)
         home = [net for net in gw.home_networks if net.version == family]
-        denies += [FirewallRule(in_interface=pub, destination=_host(f.address), target="DROP")
-                   for f in gw.forwards
-                   if f.family == family and not any(f.address in net for net in home)]
-        if via_tunnel:
-            denies.append(FirewallRule(in_interface=pub, out_interface=via_tunnel, target="DROP"))
-        b.fw(family, "filter", "FORWARD", ESTABLISHED, *accepts, *denies)
+        endpoints = (*(exposed(s) for s in config.services if s.family == family),
+                     *(exposed(f, tagged=False) for f in gw.forwards if f.family == family))
+        for e in endpoints:
+            if e.proto == "udp":
+                b.udp.update(ConntrackFlush(family, p, e.port[0], e.port[1]) for p in publics)
+        outside = tuple(_host(f.address) for f in gw.forwards
+                        if f.family == family and not any(f.address in net for net in home))
+        b.gateways.append(GatewayPolicy(
+            family, gw.public_interface, publics, endpoints, tuple(str(n) for n in home), outside,
+            via_tunnel))
         b.forwarding(family, facts)
         for net in home:
             # metric = priority: a route the VPN daemon installed itself (OpenVPN `route`) wins.
@@ -187,10 +159,9 @@ def _vpn_server(config: Config, facts: HostFacts, b: _Builder) -> None:
     # On a VPS the uplink is the public interface: the gateway's ACL decides what goes home.
     public = config.gateway.public_interface if config.has("gateway") and config.gateway else None
     for family in vs.families:
-        rules = [FirewallRule(in_interface=tun, out_interface=up, target="ACCEPT")]
+        b.passages[Passage(family, tun, up)] = None
         if up != public:
-            rules.append(FirewallRule(in_interface=up, out_interface=tun, target="ACCEPT"))
-        b.fw(family, "filter", "FORWARD", *rules)
+            b.passages[Passage(family, up, tun)] = None
         b.forwarding(family, facts)
 
 
@@ -216,20 +187,9 @@ def _vpn_client(config: Config, facts: HostFacts, b: _Builder) -> None:
         b.tagged_routing(family, Route(family, tag.table, "default", dev=tun) if _up(facts, tun) else None)
         # Tagged replies never leak to the ISP while the tunnel is down.
         b.routes.add(Route(family, tag.table, "default", kind="unreachable", metric=UNREACHABLE_METRIC))
-        b.fw(family, "mangle", "PREROUTING",
-             FirewallRule(in_interface=tun, target="DSCP", target_options=(("set-dscp", _hex(tag.dscp)),)),
-             FirewallRule(in_interface=lan, matches=(Match("dscp", (("dscp", _hex(tag.dscp)),)),),
-                          target="MARK", target_options=(("set-xmark", f"{tag.mark:#x}/0xffffffff"),)))
-        b.fw(family, "mangle", "POSTROUTING",
-             FirewallRule(out_interface=tun, target="DSCP", target_options=(("set-dscp", "0x00"),)))
-        accepts = [
-            FirewallRule(in_interface=tun, out_interface=lan, protocol=s.proto,
-                         destination=_host(s.address), matches=(_port_match(s, public=False),),
-                         target="ACCEPT")
-            for s in config.services if s.family == family
-        ]
-        b.fw(family, "filter", "FORWARD", ESTABLISHED, *accepts,
-             FirewallRule(in_interface=tun, out_interface=lan, target="DROP"))
+        b.tunnel_tags.append(TunnelTagging(family, tun, lan, tag.dscp, tag.mark))
+        b.admissions.append(TunnelAdmission(
+            family, tun, lan, tuple(exposed(s) for s in config.services if s.family == family)))
         b.forwarding(family, facts)
     if _present(facts, tun) and 4 in _service_families(config):
         b.sysctls[f"net.ipv4.conf.{tun}.rp_filter"] = _rp_filter_value(
@@ -240,7 +200,6 @@ def _service(config: Config, facts: HostFacts, b: _Builder) -> None:
     sv = config.service
     assert sv is not None
     tag = config.tag
-    mark = f"{tag.mark:#x}"
     if sv.tunnel_interface:
         families = _service_families(config)
         up = _up(facts, sv.tunnel_interface)
@@ -251,19 +210,9 @@ def _service(config: Config, facts: HostFacts, b: _Builder) -> None:
         routes = {_family(v): Route(_family(v), tag.table, "default", gateway=str(v)) for v in sv.via}
     for family in families:
         b.tagged_routing(family, routes.get(family))
-        b.fw(family, "mangle", "INPUT", FirewallRule(
-            matches=(Match("dscp", (("dscp", _hex(tag.dscp)),)),),
-            target="CONNMARK", target_options=(("set-xmark", f"{mark}/0xffffffff"),)))
-        # Restore only our mark: other tools' connmarks stay theirs.
-        b.fw(family, "mangle", "OUTPUT", FirewallRule(
-            matches=(Match("connmark", (("mark", mark),)),), target="CONNMARK",
-            target_options=(("restore-mark", ""), ("nfmask", "0xffffffff"), ("ctmask", "0xffffffff"))))
-        if not sv.tunnel_interface:
-            # The next hop (the VPN client) routes on the DSCP tag; straight into a tunnel it
-            # would only be cleared again.
-            b.fw(family, "mangle", "OUTPUT", FirewallRule(
-                matches=(Match("mark", (("mark", mark),)),),
-                target="DSCP", target_options=(("set-dscp", _hex(tag.dscp)),)))
+        # The next hop (the VPN client) routes on the DSCP tag; straight into a tunnel it would
+        # only be cleared again.
+        b.reply_tags.append(ReplyTagging(family, tag.dscp, tag.mark, stamp_dscp=not sv.tunnel_interface))
 
 
 _ROLE_COMPILERS = {
@@ -302,5 +251,6 @@ def assumed_facts(config: Config) -> HostFacts:
 
 def empty_state(tag: Tag) -> DesiredState:
     """The state that owns nothing: converging to it removes everything we own."""
-    return DesiredState(table=tag.table, priority=tag.priority)
+    return DesiredState(table=tag.table, priority=tag.priority,
+                        firewall=FirewallIntent(mark_mask=tag.mark_mask))
 

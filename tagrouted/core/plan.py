@@ -1,11 +1,15 @@
 """Renders states as the lines an administrator already reads: `ip rule`/`ip route` commands,
-`sysctl -w`, and per family an iptables-save block of our chains and their jumps.
+`sysctl -w`, then the firewall in the backend's own syntax: the `inet tagrouted` table as
+`nft list` shows it (nftables), or per family an iptables-save block of our chains and their
+jumps (iptables-legacy).
 
 Pure and deterministic: the same state always prints the same text, in a fixed order.
 """
 
 from __future__ import annotations
 
+from .iptables_rules import legacy_chains
+from .nft_rules import nft_table, table_lines
 from .state import (
     JUMP_COMMENT,
     TABLE_ORDER,
@@ -45,12 +49,13 @@ def chain_lines(chain: OwnedChain) -> list[str]:
 
 def iptables_blocks(state: DesiredState) -> list[str]:
     lines: list[str] = []
+    all_chains = legacy_chains(state.firewall)
     for family in (4, 6):
-        if not any(c.family == family for c in state.chains):
+        if not any(c.family == family for c in all_chains):
             continue
         lines.append(f"# {SAVE_COMMAND[family]}")
         for table in TABLE_ORDER:
-            chains = state.chains_of(family, table)
+            chains = [c for c in all_chains if c.family == family and c.table == table]
             if not chains:
                 continue
             lines.append(f"*{table}")
@@ -62,10 +67,15 @@ def iptables_blocks(state: DesiredState) -> list[str]:
     return lines
 
 
-def plan_lines(state: DesiredState) -> list[str]:
-    """The whole state, routing first, then sysctls, then the iptables-save blocks."""
+def nft_block(state: DesiredState) -> list[str]:
+    table = table_lines(nft_table(state.firewall))
+    return ["# nft -f - (applied as one transaction)", *table] if table else []
+
+
+def plan_lines(state: DesiredState, backend: str = "nftables") -> list[str]:
+    """The whole state, routing first, then sysctls, then the firewall in `backend`'s syntax."""
     lines = [rule_line(r) for r in sorted(state.rules)]
     lines += [route_line(r) for r in sorted(state.routes, key=route_key)]
     lines += [sysctl_line(s) for s in state.sysctls]
-    lines += iptables_blocks(state)
+    lines += nft_block(state) if backend == "nftables" else iptables_blocks(state)
     return lines

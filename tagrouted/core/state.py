@@ -147,6 +147,110 @@ class OwnedChain:
         return owned_chain_name(self.builtin)
 
 
+# ---- the firewall, backend-neutral ----------------------------------------------------------
+# What the firewall must do on this host, said once; core/iptables_rules.py renders it as our
+# TAGROUTED-* chains (iptables-legacy backend), core/nft_rules.py as the `inet tagrouted` table.
+
+PortSpan = tuple[int, int]  # an inclusive port range; one port is (p, p)
+
+
+@dataclass(frozen=True)
+class Exposed:
+    """A service (tagged) or a gateway forward (untagged), in its one family."""
+
+    name: str
+    family: Family
+    proto: str                 # tcp | udp
+    port: PortSpan             # the public port(s)
+    address: str               # the home address
+    to_port: int | None        # the home port when it differs from the public one
+    tagged: bool = True
+
+    @property
+    def home_port(self) -> PortSpan:
+        return (self.to_port, self.to_port) if self.to_port else self.port
+
+
+@dataclass(frozen=True)
+class GatewayPolicy:
+    """The gateway in one family: DNAT per exposed endpoint, and forwarding from the public
+    interface toward home that admits the exposed endpoints only (default-deny)."""
+
+    family: Family
+    public_interface: str
+    publics: tuple[str, ...]          # this family's public addresses
+    exposed: tuple[Exposed, ...]      # services, then forwards
+    home_networks: tuple[str, ...]    # denied from outside unless exposed
+    outside_hosts: tuple[str, ...]    # forwards' addresses outside the home networks
+    via_tunnel: str | None = None     # a VPS: nothing else from the public side into the tunnel
+
+
+@dataclass(frozen=True)
+class Passage:
+    """Forwarding accepted from one interface to another (the VPN server's tunnel <-> uplink)."""
+
+    family: Family
+    in_interface: str
+    out_interface: str
+
+
+@dataclass(frozen=True)
+class TunnelTagging:
+    """The VPN client in one family: DSCP stamped on what comes out of `tunnel`, the DSCP of
+    replies from `lan` turned into our mark (routed back into the tunnel), the DSCP cleared on
+    the way into the tunnel."""
+
+    family: Family
+    tunnel: str
+    lan: str
+    dscp: int
+    mark: int
+
+
+@dataclass(frozen=True)
+class TunnelAdmission:
+    """The VPN client's forwarding from the tunnel to the LAN: the services only (default-deny)."""
+
+    family: Family
+    tunnel: str
+    lan: str
+    exposed: tuple[Exposed, ...]
+
+
+@dataclass(frozen=True)
+class ReplyTagging:
+    """The service host in one family: the connection remembers the DSCP tag (connmark), its
+    replies get the mark back (routed by our rule) and, unless they go straight into a tunnel,
+    the DSCP stamp the next hop routes on."""
+
+    family: Family
+    dscp: int
+    mark: int
+    stamp_dscp: bool
+
+
+@dataclass(frozen=True)
+class FirewallIntent:
+    """Everything our firewall rules do on one host. Empty means: own no firewall state."""
+
+    mark_mask: int = 0xFF
+    gateways: tuple[GatewayPolicy, ...] = ()
+    passages: tuple[Passage, ...] = ()
+    tunnel_tags: tuple[TunnelTagging, ...] = ()
+    admissions: tuple[TunnelAdmission, ...] = ()
+    reply_tags: tuple[ReplyTagging, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.gateways or self.passages or self.tunnel_tags or self.admissions
+                    or self.reply_tags)
+
+    def families(self) -> tuple[Family, ...]:
+        found = {x.family for group in (self.gateways, self.passages, self.tunnel_tags,
+                                        self.admissions, self.reply_tags) for x in group}
+        return tuple(sorted(found))  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
 class ConntrackFlush:
     """Stale UDP conntrack to delete once a DNAT for this public endpoint is (re)written."""
@@ -164,16 +268,13 @@ class DesiredState:
     routes: frozenset[Route] = frozenset()
     rules: frozenset[PolicyRule] = frozenset()
     sysctls: tuple[Sysctl, ...] = ()
-    chains: tuple[OwnedChain, ...] = ()
+    firewall: FirewallIntent = field(default_factory=FirewallIntent)
     udp_endpoints: frozenset[ConntrackFlush] = frozenset()
     # Which tables/families we consider ours to sweep: table T (all routes) and the policy
     # rules pointing at it, per family.
     table: int = 42
     priority: int = 1042
     notes: tuple[str, ...] = field(default=(), compare=False)
-
-    def chains_of(self, family: Family, table: str) -> tuple[OwnedChain, ...]:
-        return tuple(c for c in self.chains if c.family == family and c.table == table)
 
 
 @dataclass(frozen=True)
@@ -205,7 +306,9 @@ class Change:
     """One change made (or to make) to the kernel, as logged: one record per change."""
 
     action: Literal["added", "removed", "replaced", "set"]
-    object: Literal["route", "rule", "sysctl", "chain", "jump"]
+    # route | rule | sysctl; iptables-legacy: chain | jump; nftables: table | chain | set |
+    # element | counter
+    object: str
     message: str
 
 

@@ -124,6 +124,8 @@ def format_status(status: dict[str, Any]) -> str:
 
     row("config", status.get("config", "?"))
     row("roles", ", ".join(status.get("roles") or []) or "none")
+    if status.get("firewall_backend"):
+        row("firewall", f"{status['firewall_backend']} ({status.get('firewall_backend_why', '?')})")
     tun = status.get("tunnel_interface")
     if tun:
         row("tunnel", f"{tun} {'up' if status.get('tunnel_up') else 'down'}")

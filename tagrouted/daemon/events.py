@@ -1,8 +1,9 @@
-"""Event sources that poke the reconcile worker: rtnetlink and the config file.
+"""Event sources that poke the reconcile worker: rtnetlink, nf_tables and the config file.
 
-Owns two watcher threads and their kernel handles: one NETLINK_ROUTE socket bound to the link,
-address, route and rule multicast groups, and a watchdog (inotify) Observer on the config
-file's directory and its parent. Never reads or writes routing state itself and never decides
+Owns three watcher threads and their kernel handles: one NETLINK_ROUTE socket bound to the link,
+address, route and rule multicast groups, one NETLINK_NETFILTER socket bound to NFNLGRP_NFTABLES
+(every ruleset change, by anyone), and a watchdog (inotify) Observer on the config file's
+directory and its parent. Never reads or writes routing state itself and never decides
 anything: events are pokes, not data (the worker re-reads the kernel); each message is only
 classified into an `NlEvent` so the daemon can drop what cannot concern it.
 
@@ -16,6 +17,13 @@ Netlink, and the traps it avoids:
   IFLA_IFNAME): no full decode on the reader, which must keep up with bursts.
 - ENOBUFS (or any receive error): close, reopen and re-bind, then call on_overflow (the daemon
   runs a full resync). A large receive buffer (SO_RCVBUFFORCE as root) makes it rare.
+
+nf_tables: each transaction arrives as its objects' messages (NEWTABLE, DELRULE, NEWSETELEM...;
+attribute 1 of each is the table's name) followed by NFT_MSG_NEWGEN, whose NFTA_GEN_PROC_PID
+names the process that committed it. `NftBatches` gathers the tables one transaction touched
+and hands on a batch per NEWGEN, so the daemon drops the echoes of its own transactions (its
+pid) and pokes for anyone else's change to our table. In a PID namespace the kernel reports the
+pid as the initial namespace sees it: an echo then reads as foreign and costs one no-op pass.
 
 Config file: editors write in place, or write a temporary file and rename it over, or
 (deployment tools) replace the whole directory. Watching the directory sees the first two;
@@ -59,6 +67,11 @@ from pyroute2.netlink.rtnl import (
 log = logging.getLogger("tagrouted.events")
 
 NETLINK_ROUTE = 0
+NETLINK_NETFILTER = 12
+NFNLGRP_NFTABLES = 7
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NEWGEN = 15
+NFTA_GEN_PROC_PID = 2
 SO_RCVBUFFORCE = 33
 RCVBUF = 4 << 20
 GROUPS = (RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_ROUTE
@@ -133,13 +146,54 @@ def parse_events(data: bytes) -> list[NlEvent]:
     return out
 
 
-class NetlinkWatcher:
-    """Reads rtnetlink multicast in its own thread and hands each datagram's events on."""
+@dataclass(frozen=True)
+class NftBatch:
+    """One committed nf_tables transaction: who committed it, and the tables it touched."""
 
-    def __init__(self, on_events: Callable[[list[NlEvent]], None], on_overflow: Callable[[str], None],
-                 rcvbuf: int | None = None) -> None:
+    pid: int | None
+    tables: frozenset[tuple[int, str]]  # (nfproto family: 1 inet, 2 ip, 10 ip6, ...; name)
+
+
+class NftBatches:
+    """Gathers nf_tables messages into transactions (stateful across datagrams)."""
+
+    def __init__(self) -> None:
+        self._tables: set[tuple[int, str]] = set()
+
+    def __call__(self, data: bytes) -> list[NftBatch]:
+        out: list[NftBatch] = []
+        off = 0
+        while off + _NLMSGHDR.size <= len(data):
+            length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, off)
+            if length < _NLMSGHDR.size or off + length > len(data):
+                break
+            body, end = off + _NLMSGHDR.size, off + length
+            if mtype >> 8 == NFNL_SUBSYS_NFTABLES and body + 4 <= end:
+                family = data[body]
+                attrs = body + 4  # struct nfgenmsg: family, version, res_id
+                if mtype & 0xFF == NFT_MSG_NEWGEN:
+                    raw = _attr(data, attrs, end, NFTA_GEN_PROC_PID)
+                    pid = struct.unpack(">I", raw[:4])[0] if raw and len(raw) >= 4 else None
+                    out.append(NftBatch(pid, frozenset(self._tables)))
+                    self._tables.clear()
+                else:
+                    raw = _attr(data, attrs, end, 1)  # NFTA_{TABLE_NAME,CHAIN,RULE,SET,...}_TABLE
+                    if raw:
+                        self._tables.add((family, raw.split(b"\0", 1)[0].decode(errors="replace")))
+            off += (length + 3) & ~3
+        return out
+
+
+class NetlinkWatcher:
+    """Reads one netlink protocol's multicast in its own thread and hands each datagram's
+    parsed events on (rtnetlink by default; nf_tables with `netfilter()`)."""
+
+    def __init__(self, on_events: Callable[[list[Any]], None], on_overflow: Callable[[str], None],
+                 rcvbuf: int | None = None, *, protocol: int = NETLINK_ROUTE, groups: int = GROUPS,
+                 parse: Callable[[bytes], list[Any]] = parse_events, name: str = "netlink-events") -> None:
         self.on_events = on_events
         self.on_overflow = on_overflow
+        self.protocol, self.groups, self.parse, self.name = protocol, groups, parse, name
         env_buf = os.environ.get("TAGROUTED_TEST_NL_RCVBUF")  # tests provoke ENOBUFS with a tiny buffer
         self.rcvbuf = rcvbuf or (int(env_buf) if env_buf else RCVBUF)
         self._sock: socket.socket | None = None
@@ -148,14 +202,21 @@ class NetlinkWatcher:
         self._thread: threading.Thread | None = None
         self.overflows = 0
 
+    @classmethod
+    def netfilter(cls, on_batches: Callable[[list[NftBatch]], None],
+                  on_overflow: Callable[[str], None]) -> NetlinkWatcher:
+        """A watcher of every nf_tables transaction (NFNLGRP_NFTABLES)."""
+        return cls(on_batches, on_overflow, protocol=NETLINK_NETFILTER,
+                   groups=1 << (NFNLGRP_NFTABLES - 1), parse=NftBatches(), name="nftables-events")
+
     def _open(self) -> socket.socket:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, self.protocol)
         try:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.rcvbuf)
             except OSError:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
-            sock.bind((0, GROUPS))
+            sock.bind((0, self.groups))
         except BaseException:
             sock.close()
             raise
@@ -164,7 +225,7 @@ class NetlinkWatcher:
     def start(self) -> None:
         """Bind (in the caller's thread, before returning) and start reading."""
         self._sock = self._open()
-        self._thread = threading.Thread(target=self._run, name="netlink-events", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -227,18 +288,18 @@ class NetlinkWatcher:
                     poller.unregister(registered)
                 registered = None
                 if e.errno == errno.ENOBUFS:
-                    log.warning("netlink: events were lost (ENOBUFS): reopening, full resync")
+                    log.warning("%s: events were lost (ENOBUFS): reopening, full resync", self.name)
                     self._reopen("netlink overflow (ENOBUFS)")
                 else:
-                    log.warning("netlink: receive failed: %s: reopening, full resync", e)
+                    log.warning("%s: receive failed: %s: reopening, full resync", self.name, e)
                     self._reopen(f"netlink receive error: {e}")
                 continue
             if not data:
                 continue
             try:
-                events = parse_events(data)
+                events = self.parse(data)
             except Exception as e:  # a malformed datagram is one lost event: resync
-                log.warning("netlink: cannot parse a datagram (%s): full resync", e)
+                log.warning("%s: cannot parse a datagram (%s): full resync", self.name, e)
                 self.on_overflow(f"netlink parse error: {e}")
                 continue
             if events:

@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     notifier = Notifier()
     test_faults = os.environ.get("TAGROUTED_TEST_FAULTS") == "1"
     daemon = Daemon(config, os.path.abspath(args.config), run_dir, notifier, test_faults=test_faults)
-    log.info("tagrouted starting: config %s, run directory %s, roles %s, %d services",
-             args.config, run_dir, ", ".join(config.roles), len(config.services))
+    log.info("tagrouted starting: config %s, run directory %s, roles %s, %d services, firewall "
+             "backend %s", args.config, run_dir, ", ".join(config.roles), len(config.services),
+             daemon.firewall.backend)
     try:
         daemon.start()
     except AlreadyRunning as e:

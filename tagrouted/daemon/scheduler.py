@@ -48,15 +48,18 @@ from .. import __version__
 from ..core.config import Config, ConfigError, load_config
 from ..core.state import ROUTE_PROTO, Change, DesiredState, HostFacts
 from ..kernel.converge import ALL_PARTS, FIREWALL, ROUTING, SYSCTLS, Converger, ConvergeResult
-from .events import ConfigWatcher, NetlinkWatcher, NlEvent
+from ..kernel.firewall import IPTABLES_LEGACY, NFTABLES, Choice, choose
+from .events import ConfigWatcher, NetlinkWatcher, NftBatch, NlEvent
 from .journal import Notifier, fields
 
 log = logging.getLogger("tagrouted.daemon")
 
-# The timer re-reads what the kernel does not announce; rules and routes only as a safety net
-# (netlink reports their every change, and a lost event is an overflow, which resyncs all).
-TIMER_PARTS = frozenset({SYSCTLS, FIREWALL})
+# The timer re-reads what the kernel does not announce: sysctls, and the legacy firewall (xtables
+# announce nothing; nf_tables announces every change, so with nftables events the timer never
+# reads the firewall). Rules and routes only as a safety net (netlink reports their every change,
+# and a lost event is an overflow, which resyncs all).
 ROUTING_SAFETY_EVERY = 10
+OUR_NFT_TABLE = (1, "tagrouted")  # (NFPROTO_INET, name)
 NETLINK_GAP = 0.001    # s: gathers one burst of rtnetlink events into one pass
 FILE_GAP = 0.05        # s: an editor's write-rename-chmod sequence is one change
 ECHO_WINDOW = 0.25     # s after a pass in which RTM_NEW* of our table are our own echo
@@ -216,6 +219,9 @@ class Daemon:
         self._worker: threading.Thread | None = None
         self.exit_code = 0
         self.netlink = NetlinkWatcher(self.on_netlink, self.on_overflow)
+        self.nft_events = NetlinkWatcher.netfilter(self.on_nftables, self.on_overflow)
+        self._nft_events_live = False
+        self.firewall: Choice = choose(config.firewall.backend)
         self.files = ConfigWatcher(config_path, self.on_file_change)
         self.control: Any = None
         self._publish(None)
@@ -229,10 +235,17 @@ class Daemon:
         self.control.bind()  # AlreadyRunning when a live daemon owns the run directory
         self.netlink.start()  # bound before the first converge dumps anything
         try:
+            self.nft_events.start()
+            self._nft_events_live = True
+        except OSError as e:  # no nf_tables here: the timer re-reads the firewall instead
+            log.warning("cannot watch nf_tables events (%s): the firewall is re-read every %gs",
+                        e, self._interval(self.config))
+        try:
             self.files.start()
         except Exception as e:  # inotify limits: the periodic stat check still notices edits
             log.warning("cannot watch %s: %s", self.config_path, e)
         self.control.start()
+        self._note_backend(None)
         self.trigger.poke("start", ALL_PARTS)
         self._worker = threading.Thread(target=self._work, name="reconcile", daemon=True)
         self._worker.start()
@@ -249,7 +262,7 @@ class Daemon:
             if self._worker.is_alive():
                 log.error("the reconcile worker did not stop within %.0fs", timeout)
                 self.exit_code = 1
-        for part in (self.control, self.files, self.netlink):
+        for part in (self.control, self.files, self.netlink, self.nft_events):
             if part is not None:
                 with contextlib.suppress(Exception):
                     part.stop()
@@ -291,6 +304,18 @@ class Daemon:
         if relevant:
             self.trigger.poke("netlink", {ROUTING, SYSCTLS}, NETLINK_GAP)
 
+    def on_nftables(self, batches: list[NftBatch]) -> None:
+        """(nftables thread) Poke for anyone else's transaction that touched our table."""
+        me = os.getpid()
+        if any(b.pid != me and OUR_NFT_TABLE in b.tables for b in batches):
+            self.trigger.poke("nftables", {FIREWALL}, NETLINK_GAP)
+
+    def timer_parts(self) -> frozenset[str]:
+        """What a resync-timer pass re-reads: see TIMER comment above."""
+        if self.firewall.backend == NFTABLES and self._nft_events_live:
+            return frozenset({SYSCTLS})
+        return frozenset({SYSCTLS, FIREWALL})
+
     def on_overflow(self, why: str) -> None:
         self._links_seen.clear()  # events were lost: the next of each link counts again
         self.trigger.poke("overflow", ALL_PARTS)
@@ -317,7 +342,6 @@ class Daemon:
         interval = self.notifier.watchdog_interval
         self._next_ping = time.monotonic() if interval else None
         try:
-            self._note_legacy_iptables()
             while True:
                 deadlines = [d for d in (self._next_resync, self._retry_at, self._next_ping) if d is not None]
                 work = self.trigger.take(min(deadlines) if deadlines else None)
@@ -334,7 +358,8 @@ class Daemon:
                         self._next_resync = now + self._interval(self.config)
                         self._timer_passes += 1
                         safety = self._timer_passes % ROUTING_SAFETY_EVERY == 0
-                        self.trigger.poke("timer", ALL_PARTS if safety else TIMER_PARTS)
+                        parts = self.timer_parts()
+                        self.trigger.poke("timer", parts | {ROUTING} if safety else parts)
                     continue
                 if work.stop:
                     self._on_stop(converger, work)
@@ -353,13 +378,23 @@ class Daemon:
     def _interval(config: Config) -> float:
         return max(config.resync_interval, MIN_RESYNC)
 
-    def _note_legacy_iptables(self) -> None:
-        with contextlib.suppress(Exception):
-            from ..kernel.firewall.iptables_legacy import iptables_command_is_nft
+    def _note_backend(self, previous: Choice | None) -> None:
+        """Say which firewall backend keeps our rules (at start and when a reload changes it)."""
+        if previous == self.firewall:
+            return
+        choice = self.firewall
+        where = ("table inet tagrouted: see it with `nft list table inet tagrouted`"
+                 if choice.backend == NFTABLES else
+                 "legacy xtables chains TAGROUTED-*: see them with iptables-legacy-save / "
+                 "ip6tables-legacy-save")
+        log.info("firewall backend: %s (%s); our rules are in the %s", choice.backend, choice.why, where)
+        if choice.backend == IPTABLES_LEGACY:
+            with contextlib.suppress(Exception):
+                from ..kernel.firewall.iptables_legacy import iptables_command_is_nft
 
-            if iptables_command_is_nft():
-                log.info("`iptables` on this host is the nf_tables variant; tagrouted's rules live in "
-                         "the legacy tables: see them with iptables-legacy-save / ip6tables-legacy-save")
+                if iptables_command_is_nft():
+                    log.info("`iptables` on this host is the nf_tables variant: it does not show "
+                             "tagrouted's legacy rules")
 
     def _file_identity(self) -> tuple[str | None, tuple[int, ...] | None]:
         """(sha256 of the config file's bytes, its stat signature); Nones if unreadable."""
@@ -410,6 +445,8 @@ class Daemon:
             return "rejected", problems
         old = self.config
         self.config = config
+        previous, self.firewall = self.firewall, choose(config.firewall.backend)
+        self._note_backend(previous)
         self._config_digest, self._rejected_digest, self._config_errors = digest, None, []
         if config.resync_interval != old.resync_interval:
             self._next_resync = time.monotonic() + self._interval(config)
@@ -453,12 +490,12 @@ class Daemon:
         self._echo_until = time.monotonic() + ECHO_WINDOW
         reason = self._reason(result, config, outcome == "applied", "overflow" in causes)
         self._record(result, reason, parts, elapsed, causes)
-        if FIREWALL in parts:
-            self._read_counters(config, result.desired)
+        if result.backend and (FIREWALL in parts or "timer" in causes):
+            self._read_counters(converger, result)  # the counters move without events
         log.debug("pass (%s; %s) took %.1f ms (+%.1f ms after), %d changes", "+".join(sorted(causes)),
                   "+".join(sorted(parts)), elapsed * 1000, (time.perf_counter() - t0 - elapsed) * 1000,
                   len(result.changes))
-        if parts >= TIMER_PARTS:
+        if parts >= self.timer_parts():
             self._next_resync = time.monotonic() + self._interval(config)
         if outcome == "applied" or explicit:
             reply: dict[str, Any] = {"ok": True, "changes": [c.message for c in result.changes],
@@ -567,11 +604,10 @@ class Daemon:
         self._backoff = min(self._backoff * 2, max(self._interval(self.config), FIRST_RETRY))
         self.snap.in_sync = False
 
-    def _read_counters(self, config: Config, desired: DesiredState) -> None:
+    def _read_counters(self, converger: Converger, result: ConvergeResult) -> None:
         try:
-            from ..kernel.firewall.legacy_counters import read_counters, service_rules
-
-            self.snap.counters = read_counters(service_rules(config, desired))
+            assert result.backend is not None
+            self.snap.counters = converger.backend(result.backend).counters(result.desired.firewall)
         except Exception as e:  # counters are informative: never fail a pass over them
             log.debug("reading counters failed: %s", e)
 
@@ -636,6 +672,8 @@ class Daemon:
             "config": self.config_path,
             "run_dir": self.run_dir,
             "roles": list(config.roles),
+            "firewall_backend": self.firewall.backend,
+            "firewall_backend_why": self.firewall.why,
             "tunnel_interface": tunnel_interface(config),
             "tunnel_up": s.tunnel_up,
             "ready": s.ready,

@@ -3,14 +3,18 @@ change. `converge(config)` with an equal kernel is a no-op; `converge(None)` is 
 
 Owns the order of work, never the policy (desired.py) nor the kernel details (the adapters).
 Order: policy rules and routes are added before stale ones are removed (no gap for tagged
-replies), sysctls are set with their first original saved in the run directory, then each
-iptables table of each family is synced in one commit. A step that fails does not stop the
-others: the result carries every change that did happen and every error, joined.
+replies), sysctls are set with their first original saved in the run directory, then the
+firewall backend the config chooses (kernel/firewall) syncs our firewall state: one nftables
+transaction, or one libiptc commit per legacy table. On a full pass (start, reload) the other
+backend's state is removed after ours is in place, so a switch of backend never leaves the host
+with neither. A step that fails does not stop the others: the result carries every change that
+did happen and every error, joined.
 Threading: one Converger per process, used from one thread (the reconcile worker or the CLI).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -18,16 +22,16 @@ from dataclasses import dataclass, field
 
 from ..core.config import Config, Tag
 from ..core.desired import desired_state, empty_state
-from ..core.plan import jump_line, route_key, route_line, rule_line
-from ..core.state import TABLE_ORDER, Change, DesiredState, HostFacts, OwnedChain, Sysctl
+from ..core.plan import route_key, route_line, rule_line
+from ..core.state import Change, DesiredState, FirewallIntent, HostFacts, Sysctl
 from . import conntrack
-from .firewall import iptables_legacy as iptables
+from .firewall import BACKENDS, BackendUnavailable, FirewallBackend, choose, open_backend
 from .netlink import NetlinkAdapter
 from .sysctl import SavedSysctls, read_sysctl, write_sysctl
 
 ROUTING = "routing"    # policy rules and routes: netlink announces every change to them
 SYSCTLS = "sysctls"    # /proc/sys values: links bring them, nothing announces a reset
-FIREWALL = "firewall"  # our iptables chains: only config changes or tampering change them
+FIREWALL = "firewall"  # our firewall state: only config changes or tampering change them
 ALL_PARTS = frozenset({ROUTING, SYSCTLS, FIREWALL})
 
 
@@ -38,6 +42,7 @@ class ConvergeResult:
     changes: list[Change] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    backend: str | None = None  # the firewall backend this pass used
 
     @property
     def ok(self) -> bool:
@@ -51,12 +56,22 @@ class Converger:
         self.netlink = NetlinkAdapter()
         self.saved = SavedSysctls(run_dir)
         self.tables = RoutingTables(run_dir)
+        self._backends: dict[str, FirewallBackend] = {}
         # desired_state is pure: the same config object and equal facts give the same state,
         # and compiling 1000 services costs ~25 ms of every periodic pass (bench_scale)
         self._last_compiled: tuple[Config, HostFacts, DesiredState] | None = None
 
     def close(self) -> None:
         self.netlink.close()
+        for backend in self._backends.values():
+            backend.close()
+        self._backends.clear()
+
+    def backend(self, name: str) -> FirewallBackend:
+        """The backend object for `name`, opened once (BackendUnavailable if it cannot be)."""
+        if name not in self._backends:
+            self._backends[name] = open_backend(name)
+        return self._backends[name]
 
     def __enter__(self) -> Converger:
         return self
@@ -77,19 +92,27 @@ class Converger:
         return desired, facts
 
     def converge(self, config: Config | None, tag: Tag | None = None, *,
-                 dry_run: bool = False, parts: frozenset[str] = ALL_PARTS) -> ConvergeResult:
-        """Make the kernel hold exactly what `config` wants here (nothing, when None).
+                 dry_run: bool = False, parts: frozenset[str] = ALL_PARTS,
+                 sweep_other_backend: bool | None = None) -> ConvergeResult:
+        """Make the kernel hold exactly what `config` wants here (nothing, when None: then both
+        backends' state goes).
 
         `parts` narrows the work to ROUTING, SYSCTLS and/or FIREWALL: a link event cannot change
-        what our chains should hold (they name interfaces, not indexes), so it needs no iptables
-        pass; a timer pass need not re-dump the rules and routes netlink reports changes of."""
+        what our firewall should hold (it names interfaces, not indexes), so it needs no
+        firewall pass; a timer pass need not re-dump the rules and routes netlink reports
+        changes of. `sweep_other_backend` (default: on full passes) removes what the backend not
+        in use holds, after ours is in place."""
         desired, facts = self.desired(config, tag or (config.tag if config else Tag()))
         result = ConvergeResult(desired, facts, notes=list(desired.notes))
+        if config is not None:
+            result.backend = choose(config.firewall.backend).backend
+        if sweep_other_backend is None:
+            sweep_other_backend = parts >= ALL_PARTS
         steps: list[tuple[str, str, Callable[[ConvergeResult, bool], None]]] = [
             (ROUTING, "policy rules", self._rules),
             (ROUTING, "routes", self._routes),
             (SYSCTLS, "sysctls", self._sysctls),
-            (FIREWALL, "iptables", self._iptables),
+            (FIREWALL, result.backend or "firewall", self._firewall),
         ]
         for part, name, step in steps:
             if part not in parts:
@@ -98,6 +121,8 @@ class Converger:
                 step(result, dry_run)
             except Exception as e:  # one failing step must not stop the others
                 result.errors.append(f"{name}: {type(e).__name__}: {e}")
+        if FIREWALL in parts and sweep_other_backend and result.ok:
+            self._sweep_other_backends(result, dry_run)
         if ROUTING in parts and result.ok and not dry_run:
             self.tables.keep_only(desired.table)  # earlier tables are empty now
         return result
@@ -161,21 +186,41 @@ class Converger:
             if not dry_run:
                 self.saved.forget(key)
 
-    def _iptables(self, result: ConvergeResult, dry_run: bool) -> None:
-        errors: list[str] = []
-        for family in (4, 6):
-            for table in TABLE_ORDER:
-                try:
-                    changes = iptables.sync_table(
-                        family, table, result.desired.chains_of(family, table), dry_run=dry_run)
-                except Exception as e:
-                    errors.append(f"{table} ({_fam(family)}): {e}")
-                    continue
-                result.changes += changes
-                if table == "nat" and changes and not dry_run:
-                    self._flush_stale_udp(result, family)
-        if errors:
-            raise RuntimeError("; ".join(errors))
+    def _firewall(self, result: ConvergeResult, dry_run: bool) -> None:
+        if result.backend is None:  # teardown: whatever either backend holds goes
+            for name in BACKENDS:
+                self._remove_all(name, result, dry_run, required=True)
+            return
+        self._sync(self.backend(result.backend), result.desired.firewall, result, dry_run)
+
+    def _sync(self, backend: FirewallBackend, intent: FirewallIntent, result: ConvergeResult,
+              dry_run: bool) -> None:
+        synced = backend.sync(intent, dry_run=dry_run)
+        result.changes += synced.changes
+        if not dry_run:
+            for family in sorted(synced.dnat_changed):
+                self._flush_stale_udp(result, family)
+        if synced.errors:
+            raise RuntimeError("; ".join(synced.errors))
+
+    def _remove_all(self, name: str, result: ConvergeResult, dry_run: bool, required: bool) -> None:
+        """Take away what backend `name` holds. A backend whose library is missing holds
+        nothing we could have written; that is an error only where it must be usable."""
+        try:
+            backend = self.backend(name)
+        except BackendUnavailable:
+            if required and name == result.backend:
+                raise
+            return
+        try:
+            self._sync(backend, FirewallIntent(mark_mask=result.desired.firewall.mark_mask), result, dry_run)
+        except Exception as e:
+            result.errors.append(f"removing {name} state: {type(e).__name__}: {e}")
+
+    def _sweep_other_backends(self, result: ConvergeResult, dry_run: bool) -> None:
+        for name in BACKENDS:
+            if name != result.backend:
+                self._remove_all(name, result, dry_run, required=False)
 
     def _flush_stale_udp(self, result: ConvergeResult, family: int) -> None:
         """A UDP client sending since before our DNAT keeps its un-NATed conntrack entry."""
@@ -247,32 +292,12 @@ def drift_lines(converger: Converger, config: Config) -> list[str]:
         current = read_sysctl(s.key)
         if current is not None and current != s.value:
             lines += [f"-sysctl -w {Sysctl(s.key, current).describe()}", f"+sysctl -w {s.describe()}"]
-    for family in (4, 6):
-        for table in TABLE_ORDER:
-            lines += _chain_drift_lines(family, table, desired.chains_of(family, table))
-    return lines
-
-
-def _chain_drift_lines(family: int, table: str, desired: tuple[OwnedChain, ...]) -> list[str]:
-    kernel = iptables.read_table(family, table)  # type: ignore[arg-type]
-    where = f"[{table} {_fam(family)}]"
-    lines: list[str] = []
-    wanted = {c.name for c in desired}
-    for chain in desired:
-        want = tuple(iptables.canonical(r, family) for r in chain.rules)  # type: ignore[arg-type]
-        have = kernel.chains.get(chain.name)
-        if have is None:
-            lines.append(f"+{where} :{chain.name} - [0:0]")
-            have = ()
-        if have != want:
-            lines += [f"-{where} -A {chain.name} {r.save_args()}" for r in have if r not in want]
-            lines += [f"+{where} -A {chain.name} {r.save_args()}" for r in want if r not in have]
-            if set(have) == set(want):
-                lines.append(f"~{where} rules of {chain.name} in the wrong order or duplicated")
-        if kernel.jumps.get(chain.builtin, ()) != (0,):
-            lines.append(f"+{where} {jump_line(chain)} (exactly once, first)")
-    for name, rules in sorted(kernel.chains.items()):
-        if name not in wanted:
-            lines += [f"-{where} -A {name} {r.save_args()}" for r in rules]
-            lines.append(f"-{where} :{name} - [0:0]")
+    chosen = choose(config.firewall.backend).backend
+    lines += converger.backend(chosen).drift_lines(desired.firewall)
+    for name in BACKENDS:
+        if name == chosen:
+            continue
+        with contextlib.suppress(BackendUnavailable):
+            if converger.backend(name).holds_state():
+                lines.append(f"-{name}: state of the backend not in use (removed by the next apply)")
     return lines

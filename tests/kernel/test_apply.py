@@ -1,8 +1,10 @@
-"""`tagroutectl apply | diff | down` against the real kernel, in throw-away namespaces.
+"""`tagroutectl apply | diff | down` against the real kernel, in throw-away namespaces, on both
+firewall backends.
 
 What a user checks: apply on an empty host converges, diff says in sync right after, a second
-apply changes nothing, each kind of tamper shows in diff and is repaired by apply, and down
-leaves the namespace exactly as it found it.
+apply changes nothing, each kind of tamper shows in diff and is repaired by apply, down leaves
+the namespace exactly as it found it, and other tools' firewall state (an iptables-nft table, an
+nft table of its own) stays byte for byte through all of it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from firewall_view import TAMPERS, config_copy, firewall_snapshot, holds_nothing, ours
 from nslab import Netns, kernel_snapshot, veth
 
 pytestmark = pytest.mark.kernel
@@ -48,17 +51,47 @@ def ctl(ns: Netns, config: Path, run_dir: Path, *args: str) -> tuple[int, str, s
 
 
 def snapshot(ns: Netns) -> dict[str, str]:
-    return kernel_snapshot(ns.out, SYSCTLS)
+    return {**kernel_snapshot(ns.out, SYSCTLS), "nft": firewall_snapshot(ns.out)["nft"]}
 
 
-@pytest.mark.parametrize(("example", "tun"), [
+def example(name: str, backend: str, tmp_path: Path) -> Path:
+    return config_copy(EXAMPLES / name, backend, tmp_path)
+
+
+FOREIGN_NFT = """
+table inet othertool {
+  set blocked {
+    type ipv4_addr
+    elements = { 203.0.113.66 }
+  }
+  chain forwarding {
+    type filter hook forward priority 10; policy accept;
+    ip saddr @blocked drop
+  }
+  chain marking {
+    type filter hook prerouting priority -150; policy accept;
+    meta mark set meta mark or 0x80000
+  }
+}
+"""
+
+
+def foreign_firewall(ns: Netns) -> None:
+    """Another tool's nft table, and iptables-nft's own `ip filter` (what Docker writes)."""
+    ns.run("nft -f -", input=FOREIGN_NFT)
+    ns.run("iptables-nft -A FORWARD -s 198.51.100.77 -j DROP")
+    ns.run("iptables-nft -t mangle -A PREROUTING -i eth0 -j MARK --set-xmark 0x100/0x100")
+
+
+@pytest.mark.parametrize(("example_name", "tun"), [
     ("vpn-client.yaml", True), ("web-service.yaml", False), ("remote-server.yaml", False),
     ("vpn-server.yaml", True), ("vps.yaml", True), ("home-router.yaml", True),
 ])
-def test_apply_diff_apply_down_round_trip(netns: type[Netns], tmp_path: Path,
-                                          example: str, tun: bool) -> None:
-    config = EXAMPLES / example
-    ns = host(netns, "rt", tun=tun, lan_host=3 if example == "web-service.yaml" else 2)
+def test_apply_diff_apply_down_round_trip(netns: type[Netns], tmp_path: Path, backend: str,
+                                          example_name: str, tun: bool) -> None:
+    config = example(example_name, backend, tmp_path)
+    ns = host(netns, "rt", tun=tun, lan_host=3 if example_name == "web-service.yaml" else 2)
+    foreign_firewall(ns)
     before = snapshot(ns)
     code, out, err = ctl(ns, config, tmp_path, "diff")
     assert code == 2 and out, "an empty host drifts from any config"
@@ -68,45 +101,48 @@ def test_apply_diff_apply_down_round_trip(netns: type[Netns], tmp_path: Path,
     assert "added" in out
     applied = snapshot(ns)
 
+    assert ours(ns.out, backend), f"nothing of ours in the {backend} backend"
+    other = "iptables-legacy" if backend == "nftables" else "nftables"
+    assert not ours(ns.out, other), f"{backend} chosen, yet the {other} backend holds state"
+    handles = ns.out("nft -a list ruleset")
+
     code, out, err = ctl(ns, config, tmp_path, "diff")
     assert (code, out) == (0, ""), out + err
     code, out, err = ctl(ns, config, tmp_path, "apply")
     assert code == 0 and out.strip() == "in sync: nothing to change", out + err
     assert snapshot(ns) == applied, "a second apply must not rewrite anything"
+    assert ns.out("nft -a list ruleset") == handles, "not even the handles change"
     for family in ("ipt4", "ipt6"):
         for block in applied[family].split("*")[1:]:
-            ours = [x for x in block.splitlines() if x.startswith("-A") and "TAGROUTED" in x]
-            assert len(ours) == len(set(ours)), f"duplicate rules in {block}"
+            mine = [x for x in block.splitlines() if x.startswith("-A") and "TAGROUTED" in x]
+            assert len(mine) == len(set(mine)), f"duplicate rules in {block}"
 
     code, out, err = ctl(ns, config, tmp_path, "down")
     assert code == 0, err
     assert snapshot(ns) == before, "down must leave the namespace as it found it"
+    assert holds_nothing(ns.out)
 
 
-TAMPERS = {
-    "rule deleted": ("ip -4 rule del pref 1042", "-ip -4 rule", "+ip -4 rule add fwmark 0x2a lookup 42 pref 1042"),
-    "route deleted": ("ip -4 route del default dev tun0 table 42", "",
+ROUTING_TAMPERS = {
+    "rule deleted": ("ip -4 rule del pref 1042", "+ip -4 rule add fwmark 0x2a/0xff lookup 42 pref 1042"),
+    "route deleted": ("ip -4 route del default dev tun0 table 42",
                       "+ip -4 route add default dev tun0 table 42 proto 142"),
-    "chain flushed": ("iptables-legacy -t mangle -F TAGROUTED-PREROUTING", "",
-                      "+[mangle IPv4] -A TAGROUTED-PREROUTING -i tun0 -j DSCP --set-dscp 0x2a"),
-    "jump deleted": ("iptables-legacy -t mangle -D PREROUTING -m comment --comment tagrouted "
-                     "-j TAGROUTED-PREROUTING", "", "+[mangle IPv4] -A PREROUTING"),
-    "foreign rule in our chain": ("iptables-legacy -t filter -I TAGROUTED-FORWARD 2 -j ACCEPT", "",
-                                  "-[filter IPv4] -A TAGROUTED-FORWARD -j ACCEPT"),
-    "sysctl reset": ("sysctl -w net.ipv4.conf.tun0.rp_filter=1", "",
-                     "+sysctl -w net.ipv4.conf.tun0.rp_filter=2"),
-    "table flushed and chains deleted": ("sh -c 'iptables-legacy -t mangle -F && iptables-legacy -t mangle -X'",
-                                         "", "+[mangle IPv4] :TAGROUTED-PREROUTING - [0:0]"),
+    "sysctl reset": ("sysctl -w net.ipv4.conf.tun0.rp_filter=1", "+sysctl -w net.ipv4.conf.tun0.rp_filter=2"),
 }
+TAMPER_CASES = [(b, kind, cmd, first) for b in sorted(TAMPERS)
+                for kind, (cmd, first) in {**ROUTING_TAMPERS, **TAMPERS[b]}.items()]
 
 
-@pytest.mark.parametrize("kind", list(TAMPERS))
-def test_tamper_shows_in_diff_and_apply_repairs(netns: type[Netns], tmp_path: Path, kind: str) -> None:
-    config = EXAMPLES / "vpn-client.yaml"
+@pytest.mark.parametrize(("backend", "kind", "command", "expected"), TAMPER_CASES,
+                         ids=[f"{b}-{k}" for b, k, _, _ in TAMPER_CASES])
+def test_tamper_shows_in_diff_and_apply_repairs(netns: type[Netns], tmp_path: Path, backend: str,
+                                                kind: str, command: str, expected: str) -> None:
+    config = example("vpn-client.yaml", backend, tmp_path)
     ns = host(netns, "tp", tun=True)
+    if kind == "ruleset flushed":
+        foreign_firewall(ns)  # goes too: that is what `nft flush ruleset` does
     assert ctl(ns, config, tmp_path, "apply")[0] == 0
     applied = snapshot(ns)
-    command, _, expected = TAMPERS[kind]
     ns.run(command)
     code, out, _ = ctl(ns, config, tmp_path, "diff")
     assert code == 2
@@ -114,7 +150,62 @@ def test_tamper_shows_in_diff_and_apply_repairs(netns: type[Netns], tmp_path: Pa
     code, out, err = ctl(ns, config, tmp_path, "apply")
     assert code == 0 and "in sync" not in out, out + err
     assert ctl(ns, config, tmp_path, "diff")[:2] == (0, "")
-    assert snapshot(ns) == applied
+    repaired = snapshot(ns)
+    if kind == "ruleset flushed":  # the foreign tables it took stay gone: never ours to restore
+        applied["nft"] = ours(ns.out, backend)
+        repaired["nft"] = ours(ns.out, backend)
+    assert repaired == applied
+
+
+def test_foreign_tables_stay_byte_identical_across_apply_repair_and_down(
+        netns: type[Netns], tmp_path: Path) -> None:
+    """iptables-nft's tables and another tool's inet table are never touched, on apply, on a
+    repair of ours (whole table deleted, a chain flushed) and on down; nor is a legacy chain
+    whose name merely starts like ours."""
+    ns = host(netns, "fg", tun=True)
+    foreign_firewall(ns)
+    ns.run("iptables-legacy -N TAGROUTED-CUSTOM")
+    ns.run("iptables-legacy -A TAGROUTED-CUSTOM -j RETURN")
+    config = example("vpn-client.yaml", "nftables", tmp_path)
+
+    def foreign() -> tuple[str, str]:
+        return (ns.out("nft list table inet othertool") + ns.out("nft list table ip filter")
+                + ns.out("nft list table ip mangle"), ns.out("iptables-legacy -S TAGROUTED-CUSTOM"))
+    before = foreign()
+    assert ctl(ns, config, tmp_path, "apply")[0] == 0
+    assert foreign() == before
+    for tamper in ("nft delete table inet tagrouted", "nft flush chain inet tagrouted forward"):
+        ns.run(tamper)
+        assert ctl(ns, config, tmp_path, "apply")[0] == 0
+        assert foreign() == before
+    assert ctl(ns, config, tmp_path, "down")[0] == 0
+    assert foreign() == before
+    assert "tagrouted" not in ns.out("nft list tables")
+
+
+def test_switching_backends_installs_the_new_then_sweeps_the_old(netns: type[Netns], tmp_path: Path) -> None:
+    ns = host(netns, "sw", tun=True)
+    legacy = example("vpn-client.yaml", "iptables-legacy", tmp_path)
+    assert ctl(ns, legacy, tmp_path, "apply")[0] == 0
+    assert ours(ns.out, "iptables-legacy") and not ours(ns.out, "nftables")
+    default = tmp_path / "default.yaml"
+    default.write_text((EXAMPLES / "vpn-client.yaml").read_text())  # backend: auto
+    code, out, err = ctl(ns, default, tmp_path, "diff")
+    assert code == 2 and "-iptables-legacy: state of the backend not in use" in out, out
+    code, out, err = ctl(ns, default, tmp_path, "apply")
+    assert code == 0, err
+    lines = out.splitlines()
+    first_removal = next(i for i, x in enumerate(lines) if x.startswith("removed chain TAGROUTED-"))
+    assert lines.index(next(x for x in lines if x.startswith("added table inet tagrouted"))) < first_removal, \
+        "the new backend's state goes in before the old one's goes"
+    assert ours(ns.out, "nftables") and not ours(ns.out, "iptables-legacy")
+    assert ctl(ns, default, tmp_path, "diff")[:2] == (0, "")
+    # and back: down removes whatever either backend holds
+    assert ctl(ns, legacy, tmp_path, "apply")[0] == 0
+    assert ours(ns.out, "iptables-legacy") and not ours(ns.out, "nftables")
+    ns.run("nft -f -", input="table inet tagrouted {\n chain x {\n type filter hook input priority 0;\n }\n}\n")
+    assert ctl(ns, legacy, tmp_path, "down")[0] == 0
+    assert holds_nothing(ns.out)
 
 
 def test_down_restores_the_sysctls_it_changed(netns: type[Netns], tmp_path: Path) -> None:
@@ -161,7 +252,7 @@ def test_a_changed_table_is_swept(netns: type[Netns], tmp_path: Path) -> None:
     assert "lookup 42" in ns.out("ip -4 rule show")
     code, out, err = ctl(ns, moved, tmp_path, "apply")
     assert code == 0, err
-    assert "removed rule fwmark 0x2a lookup 42 pref 1042" in out, out
+    assert "removed rule fwmark 0x2a/0xff lookup 42 pref 1042" in out, out
     assert "lookup 42" not in ns.out("ip -4 rule show") + ns.out("ip -6 rule show")
     assert ns.out("ip -4 route show table 42").strip() == ""
     assert ns.out("ip -6 route show table 42").strip() == ""

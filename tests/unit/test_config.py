@@ -119,7 +119,8 @@ def test_normalisation() -> None:
         "n.yaml",
     )
     assert config.roles == ("service", "vpn-client")
-    assert config.tag == Tag(dscp=10, mark=256, table=100, priority=32765)
+    # a mark beyond the default mask (0xff) keeps owning the whole mark, as before masks existed
+    assert config.tag == Tag(dscp=10, mark=256, table=100, priority=32765, mark_mask=0xFFFFFFFF)
     assert config.services[0].port == PortRange(27015, 27020)
     assert config.services[1].home_port == PortRange(22, 22) and config.services[1].family == 6
     assert config.services[2].port == PortRange(8080, 8080)

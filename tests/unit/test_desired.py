@@ -23,6 +23,7 @@ from tagrouted.core.config import (
     load_config,
 )
 from tagrouted.core.desired import assumed_facts, desired_state, empty_state
+from tagrouted.core.iptables_rules import legacy_chains
 from tagrouted.core.plan import plan_lines
 from tagrouted.core.state import UNREACHABLE_METRIC, HostFacts, LinkFacts, PolicyRule, Route, Sysctl
 
@@ -57,15 +58,16 @@ def facts(*names: str, rp_filter_all: int = 0, accept_ra: int | None = None) -> 
 
 
 def lines(config: Config, host: HostFacts | None = None) -> list[str]:
-    return plan_lines(desired_state(config, host or assumed_facts(config)))
+    """The plan with the iptables-legacy rendering (tests/unit/test_nft_rules.py has nft's)."""
+    return plan_lines(desired_state(config, host or assumed_facts(config)), "iptables-legacy")
 
 
 # ---- the seed's rules, per host --------------------------------------------------------------
 def test_vpn_client_has_the_seed_rules() -> None:
     out = lines(cfg("vpn-client", services=(WEB, WEB6), vpn_client=VPN_CLIENT))
     for expected in [
-        "ip -4 rule add fwmark 0x2a lookup 42 pref 1042",
-        "ip -6 rule add fwmark 0x2a lookup 42 pref 1042",
+        "ip -4 rule add fwmark 0x2a/0xff lookup 42 pref 1042",
+        "ip -6 rule add fwmark 0x2a/0xff lookup 42 pref 1042",
         "ip -4 route add default dev tun0 table 42 proto 142",
         f"ip -4 route add unreachable default table 42 proto 142 metric {UNREACHABLE_METRIC}",
         f"ip -6 route add unreachable default table 42 proto 142 metric {UNREACHABLE_METRIC}",
@@ -74,7 +76,7 @@ def test_vpn_client_has_the_seed_rules() -> None:
         "sysctl -w net.ipv6.conf.all.forwarding=1",
         "-A PREROUTING -m comment --comment tagrouted -j TAGROUTED-PREROUTING",
         "-A TAGROUTED-PREROUTING -i tun0 -j DSCP --set-dscp 0x2a",
-        "-A TAGROUTED-PREROUTING -i eth0 -m dscp --dscp 0x2a -j MARK --set-xmark 0x2a/0xffffffff",
+        "-A TAGROUTED-PREROUTING -i eth0 -m dscp --dscp 0x2a -j MARK --set-xmark 0x2a/0xff",
         "-A TAGROUTED-POSTROUTING -o tun0 -j DSCP --set-dscp 0x00",
         "-A TAGROUTED-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
         "-A TAGROUTED-FORWARD -d 192.168.100.3/32 -i tun0 -o eth0 -p tcp -m tcp --dport 443 -j ACCEPT",
@@ -91,18 +93,18 @@ def test_web_service_has_the_seed_rules() -> None:
     via = ServiceSection(via=(ip_address("192.168.100.2"), ip_address("fd00:100::2")))
     out = lines(cfg("service", service=via))
     for expected in [
-        "ip -4 rule add fwmark 0x2a lookup 42 pref 1042",
+        "ip -4 rule add fwmark 0x2a/0xff lookup 42 pref 1042",
         "ip -4 route add default via 192.168.100.2 table 42 proto 142",
         "ip -6 route add default via fd00:100::2 table 42 proto 142",
-        "-A TAGROUTED-INPUT -m dscp --dscp 0x2a -j CONNMARK --set-xmark 0x2a/0xffffffff",
-        "-A TAGROUTED-OUTPUT -m connmark --mark 0x2a -j CONNMARK --restore-mark "
-        "--nfmask 0xffffffff --ctmask 0xffffffff",
-        "-A TAGROUTED-OUTPUT -m mark --mark 0x2a -j DSCP --set-dscp 0x2a",
+        "-A TAGROUTED-INPUT -m dscp --dscp 0x2a -j CONNMARK --set-xmark 0x2a/0xff",
+        "-A TAGROUTED-OUTPUT -m connmark --mark 0x2a/0xff -j CONNMARK --restore-mark "
+        "--nfmask 0xff --ctmask 0xff",
+        "-A TAGROUTED-OUTPUT -m mark --mark 0x2a/0xff -j DSCP --set-dscp 0x2a",
     ]:
         assert expected in out, expected
     # restore-mark precedes the DSCP stamp that reads the mark
     restore = out.index(next(x for x in out if "--restore-mark" in x and "ip6" not in x))
-    stamp = out.index("-A TAGROUTED-OUTPUT -m mark --mark 0x2a -j DSCP --set-dscp 0x2a")
+    stamp = out.index("-A TAGROUTED-OUTPUT -m mark --mark 0x2a/0xff -j DSCP --set-dscp 0x2a")
     assert restore < stamp
     assert not any("sysctl" in x for x in out), "a service host needs no forwarding"
 
@@ -170,7 +172,7 @@ def test_vps_routes_home_via_the_tunnel_and_keeps_default_deny() -> None:
     fwd = [x for x in out if x.startswith("-A TAGROUTED-FORWARD")]
     assert fwd.index("-A TAGROUTED-FORWARD -d 192.168.100.3/32 -i eth0 -p tcp -m tcp --dport 443 -j ACCEPT") < \
         fwd.index("-A TAGROUTED-FORWARD -i eth0 -o tun0 -j DROP")
-    for chain in desired_state(config, assumed_facts(config)).chains:
+    for chain in legacy_chains(desired_state(config, assumed_facts(config)).firewall):
         assert len(chain.rules) == len(set(chain.rules)), f"duplicate rule in {chain}"
     # tunnel down: no dev route to a missing link
     state = desired_state(config, facts("eth0"))
@@ -182,15 +184,15 @@ def test_home_router_is_one_non_duplicated_state() -> None:
     config = cfg("vpn-client", "service", services=(svc,), vpn_client=VPN_CLIENT,
                  service=ServiceSection(tunnel_interface="tun0"))
     state = desired_state(config, facts("tun0", "eth0"))
-    assert state.rules == frozenset({PolicyRule(4, 1042, 42, 42)})
+    assert state.rules == frozenset({PolicyRule(4, 1042, 42, 42, 0xFF)})
     assert Route(4, 42, "default", dev="tun0") in state.routes
     assert len([r for r in state.routes if r.kind == "unicast"]) == 1
-    for chain in state.chains:
+    for chain in legacy_chains(state.firewall):
         assert len(chain.rules) == len(set(chain.rules)), f"duplicate rule in {chain}"
-    out = plan_lines(state)
+    out = plan_lines(state, "iptables-legacy")
     # replies go straight into the tunnel: no DSCP stamp on output that POSTROUTING would clear
     assert not any("TAGROUTED-OUTPUT -m mark" in x for x in out)
-    assert "-A TAGROUTED-INPUT -m dscp --dscp 0x2a -j CONNMARK --set-xmark 0x2a/0xffffffff" in out
+    assert "-A TAGROUTED-INPUT -m dscp --dscp 0x2a -j CONNMARK --set-xmark 0x2a/0xff" in out
 
 
 # ---- facts: tunnel presence, rp_filter, accept_ra ---------------------------------------------
@@ -203,8 +205,8 @@ def test_tunnel_down_keeps_only_the_unreachable_fallback() -> None:
     down = HostFacts(links=(LinkFacts("eth0", 1), LinkFacts("tun0", 2, up=False)))
     assert not any(r.dev == "tun0" for r in desired_state(config, down).routes), \
         "the kernel refuses a route on a down link"
-    assert state.chains == desired_state(config, facts("eth0", "tun0")).chains, \
-        "chains name interfaces, not indexes: the tunnel's presence never changes them"
+    assert state.firewall == desired_state(config, facts("eth0", "tun0")).firewall, \
+        "firewall rules name interfaces, not indexes: the tunnel's presence never changes them"
 
 
 @pytest.mark.parametrize(("mode", "all_value", "want"), [
@@ -226,7 +228,7 @@ def test_ipv6_forwarding_keeps_router_advertisements() -> None:
 
 
 def test_custom_tag_is_used_everywhere() -> None:
-    tag = Tag(dscp=10, mark=0x100, table=100, priority=2000)
+    tag = Tag(dscp=10, mark=0x100, table=100, priority=2000, mark_mask=0xFFFFFFFF)
     out = lines(cfg("vpn-client", tag=tag, services=(WEB,), vpn_client=VPN_CLIENT))
     assert "ip -4 rule add fwmark 0x100 lookup 100 pref 2000" in out
     assert "-A TAGROUTED-PREROUTING -i tun0 -j DSCP --set-dscp 0x0a" in out
@@ -235,8 +237,8 @@ def test_custom_tag_is_used_everywhere() -> None:
 
 def test_empty_state_owns_nothing() -> None:
     state = empty_state(Tag())
-    assert not state.routes and not state.rules and not state.sysctls and not state.chains
-    assert plan_lines(state) == []
+    assert not state.routes and not state.rules and not state.sysctls and state.firewall.empty
+    assert plan_lines(state) == plan_lines(state, "iptables-legacy") == []
 
 
 # ---- determinism ------------------------------------------------------------------------------
@@ -273,20 +275,30 @@ def _ctl(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=30)
 
 
-def test_cli_check_and_plan_on_the_seed_hosts() -> None:
-    if not (EXAMPLES / "vpn-client.yaml").exists():
-        pytest.skip("examples not present")
+PLAN_SAYS = {  # backend -> (a vpn-client line, a web-service line), each in the backend's syntax
+    "iptables-legacy": ("-A TAGROUTED-PREROUTING -i tun0 -j DSCP --set-dscp 0x2a", "-j CONNMARK --restore-mark"),
+    "nftables": ('iifname "tun0" ip dscp set 42', "ct mark and 0xff == 0x2a meta mark set meta mark and "
+                                                   "0xffffff00 or 0x2a"),
+}
+
+
+@pytest.mark.parametrize("backend", sorted(PLAN_SAYS))
+def test_cli_check_and_plan_on_the_seed_hosts(tmp_path: Path, backend: str) -> None:
     for name in [p.name for p in EXAMPLE_FILES]:
         res = _ctl("--config", str(EXAMPLES / name), "check")
         assert res.returncode == 0, res.stderr
-    res = _ctl("--config", str(EXAMPLES / "vpn-client.yaml"), "plan")
+    client, web = (tmp_path / "vpn-client.yaml", tmp_path / "web-service.yaml")
+    for copy in (client, web):
+        copy.write_text((EXAMPLES / copy.name).read_text() + f"firewall: {{backend: {backend}}}\n")
+    res = _ctl("--config", str(client), "plan")
     assert res.returncode == 0, res.stderr
-    assert "-A TAGROUTED-PREROUTING -i tun0 -j DSCP --set-dscp 0x2a" in res.stdout
-    assert "ip -4 rule add fwmark 0x2a lookup 42 pref 1042" in res.stdout
-    res2 = _ctl("--config", str(EXAMPLES / "vpn-client.yaml"), "plan")
+    assert f"# firewall backend: {backend} (firewall.backend)" in res.stdout.splitlines()
+    assert PLAN_SAYS[backend][0] in res.stdout
+    assert "ip -4 rule add fwmark 0x2a/0xff lookup 42 pref 1042" in res.stdout
+    res2 = _ctl("--config", str(client), "plan")
     assert res.stdout == res2.stdout
-    res = _ctl("--config", str(EXAMPLES / "web-service.yaml"), "plan")
-    assert "-j CONNMARK --restore-mark" in res.stdout
+    res = _ctl("--config", str(web), "plan")
+    assert PLAN_SAYS[backend][1] in res.stdout
 
 
 def test_cli_check_rejects_a_bad_file_with_its_line(tmp_path: Path) -> None:

@@ -68,18 +68,23 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ...core.diff import FAMILY_NAME, chain_changes
+from ...core.iptables_rules import counted_rules, legacy_chains
+from ...core.plan import jump_line
 from ...core.state import (
     BUILTIN_CHAINS,
     CHAIN_PREFIX,
     JUMP_COMMENT,
+    TABLE_ORDER,
     Change,
     Family,
+    FirewallIntent,
     FirewallRule,
     KernelTable,
     Match,
     OwnedChain,
     owned_chain_name,
 )
+from . import IPTABLES_LEGACY, FirewallSync
 
 log = logging.getLogger("tagrouted.iptables")
 
@@ -1166,3 +1171,126 @@ def iptables_command_is_nft() -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     return "(nf_tables)" in (out.stdout + out.stderr)
+
+
+# ---- counters ------------------------------------------------------------------------------
+
+_COUNTERS = struct.Struct("=QQ")  # struct xt_counters: pcnt, bcnt
+
+
+def read_counters(intent: FirewallIntent) -> dict[str, tuple[int, int] | None]:
+    """service name -> (packets, bytes) summed over its counted rules (core.iptables_rules
+    .counted_rules) in the kernel now; None for a service without per-service rules or whose
+    rules are not (yet) there. A kernel rule is a service's when its entry key equals the key
+    of the rule we would write (the comparison sync_table itself uses)."""
+    wanted = counted_rules(intent)
+    by_table: dict[tuple[Family, str], set[str]] = {}
+    for rules in wanted.values():
+        for family, table, chain, _ in rules:
+            by_table.setdefault((family, table), set()).add(chain)
+    # (family, chain, key) -> [packets, bytes], summed over equal rules
+    kernel: dict[tuple[Family, str, bytes], list[int]] = {}
+    for (family, table), chains in by_table.items():
+        _read_counters(family, table, chains, kernel)
+    out: dict[str, tuple[int, int] | None] = {}
+    for name, rules in wanted.items():
+        hits = [kernel.get((family, chain, _build(rule, family).key)) for family, _, chain, rule in rules]
+        seen = [h for h in hits if h is not None]
+        out[name] = (sum(h[0] for h in seen), sum(h[1] for h in seen)) if seen else None
+    return out
+
+
+def _read_counters(family: Family, table: str, chains: set[str],
+                   into: dict[tuple[Family, str, bytes], list[int]]) -> None:
+    if not _table_present(family, table):
+        return
+    with _lock:
+        fam = _family(family)
+        try:
+            with _open(fam, table) as h:
+                present = set(h.chains())
+                off = fam.entry_cls.counters.offset
+                for chain in chains & present:
+                    for _pos, krule in h.rules(chain):
+                        pcnt, bcnt = _COUNTERS.unpack_from(krule.entry, off)
+                        slot = into.setdefault((family, chain, krule.key), [0, 0])
+                        slot[0] += pcnt
+                        slot[1] += bcnt
+        except (IptablesError, _Retry):
+            return  # no such table, or it changed under us: no counters this time
+
+
+# ---- the backend ---------------------------------------------------------------------------
+
+def _where(family: Family, table: str) -> str:
+    return f"[{table} {FAMILY_NAME[family]}]"
+
+
+def chain_drift_lines(family: Family, table: str, desired: tuple[OwnedChain, ...]) -> list[str]:
+    """`tagroutectl diff` lines for one table of one family, in iptables-save syntax."""
+    kernel = read_table(family, table)
+    where = _where(family, table)
+    lines: list[str] = []
+    wanted = {c.name for c in desired}
+    for chain in desired:
+        want = tuple(canonical(r, family) for r in chain.rules)
+        have = kernel.chains.get(chain.name)
+        if have is None:
+            lines.append(f"+{where} :{chain.name} - [0:0]")
+            have = ()
+        if have != want:
+            lines += [f"-{where} -A {chain.name} {r.save_args()}" for r in have if r not in want]
+            lines += [f"+{where} -A {chain.name} {r.save_args()}" for r in want if r not in have]
+            if set(have) == set(want):
+                lines.append(f"~{where} rules of {chain.name} in the wrong order or duplicated")
+        if kernel.jumps.get(chain.builtin, ()) != (0,):
+            lines.append(f"+{where} {jump_line(chain)} (exactly once, first)")
+    for name, rules in sorted(kernel.chains.items()):
+        if name not in wanted:
+            lines += [f"-{where} -A {name} {r.save_args()}" for r in rules]
+            lines.append(f"-{where} :{name} - [0:0]")
+    return lines
+
+
+class LegacyBackend:
+    """The iptables-legacy backend behind the firewall interface: each table of each family is
+    synced on its own (one libiptc commit each); a table that fails does not stop the others."""
+
+    name = IPTABLES_LEGACY
+
+    def _tables(self, intent: FirewallIntent) -> Iterator[tuple[Family, str, tuple[OwnedChain, ...]]]:
+        chains = legacy_chains(intent)
+        for family in (4, 6):
+            for table in TABLE_ORDER:
+                yield family, table, tuple(c for c in chains if c.family == family and c.table == table)  # type: ignore[misc]
+
+    def sync(self, intent: FirewallIntent, *, dry_run: bool = False) -> FirewallSync:
+        result = FirewallSync()
+        for family, table, chains in self._tables(intent):
+            try:
+                changes = sync_table(family, table, chains, dry_run=dry_run)
+            except Exception as e:
+                result.errors.append(f"{table} ({FAMILY_NAME[family]}): {e}")
+                continue
+            result.changes += changes
+            if table == "nat" and changes:
+                result.dnat_changed.add(family)
+        return result
+
+    def drift_lines(self, intent: FirewallIntent) -> list[str]:
+        return [line for family, table, chains in self._tables(intent)
+                for line in chain_drift_lines(family, table, chains)]
+
+    def counters(self, intent: FirewallIntent) -> dict[str, tuple[int, int] | None]:
+        return read_counters(intent)
+
+    def holds_state(self) -> bool:
+        for family in (4, 6):
+            for table in TABLE_ORDER:
+                kernel = read_table(family, table)  # type: ignore[arg-type]
+                if kernel.chains or kernel.jumps:
+                    return True
+        return False
+
+    def close(self) -> None:
+        pass

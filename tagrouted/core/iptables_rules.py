@@ -1,0 +1,158 @@
+"""The firewall intent rendered for the iptables-legacy backend: our TAGROUTED-<BUILTIN> chains.
+
+Pure: a function of the intent, no I/O. The rules are written the way iptables-save prints them
+(the backend compares canonical forms, never this text against the kernel's). One chain per
+(family, table, built-in chain), its rules in role order (the gateway's ACL before the VPN
+server's accepts before the VPN client's admissions), each rule once.
+Marks and connmarks are set, saved, restored and matched within `mark_mask` only, so the bits
+other tools keep in the same mark survive (MARK/CONNMARK --set-xmark v/m clears m, then sets v).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from .state import (
+    BUILTIN_CHAINS,
+    TABLE_ORDER,
+    Exposed,
+    Family,
+    FirewallIntent,
+    FirewallRule,
+    Match,
+    OwnedChain,
+)
+
+FULL_MASK = 0xFFFFFFFF
+ESTABLISHED = FirewallRule(
+    matches=(Match("conntrack", (("ctstate", "RELATED,ESTABLISHED"),)),), target="ACCEPT"
+)
+# (family, table, chain name, rule): where a service's packets are counted
+CountedRule = tuple[Family, str, str, FirewallRule]
+
+
+def _hex(value: int) -> str:
+    return f"0x{value:02x}"
+
+
+def _masked(value: int, mask: int) -> str:
+    """`0x2a/0xff` as iptables-save prints a masked mark match; the bare value for a full mask."""
+    return f"{value:#x}" if mask == FULL_MASK else f"{value:#x}/{mask:#x}"
+
+
+def _host(address: str, family: Family) -> str:
+    return f"{address}/{32 if family == 4 else 128}"
+
+
+def _ports(span: tuple[int, int]) -> str:
+    return str(span[0]) if span[0] == span[1] else f"{span[0]}:{span[1]}"
+
+
+def _port_match(e: Exposed, public: bool) -> Match:
+    return Match(e.proto, (("dport", _ports(e.port if public else e.home_port)),))
+
+
+def _dnat_target(e: Exposed) -> str:
+    if e.to_port is None:
+        return e.address
+    return f"[{e.address}]:{e.to_port}" if e.family == 6 else f"{e.address}:{e.to_port}"
+
+
+def dnat_rule(e: Exposed, public_interface: str, public: str) -> FirewallRule:
+    return FirewallRule(
+        in_interface=public_interface, protocol=e.proto, destination=_host(public, e.family),
+        matches=(_port_match(e, public=True),),
+        target="DNAT", target_options=(("to-destination", _dnat_target(e)),),
+    )
+
+
+def accept_rule(e: Exposed, in_interface: str, out_interface: str | None = None) -> FirewallRule:
+    return FirewallRule(
+        in_interface=in_interface, out_interface=out_interface, protocol=e.proto,
+        destination=_host(e.address, e.family), matches=(_port_match(e, public=False),),
+        target="ACCEPT",
+    )
+
+
+class _Chains:
+    """An insertion-ordered set of rules per chain: a list's `in` made 1000 services O(N^2)."""
+
+    def __init__(self) -> None:
+        self.rules: dict[tuple[Family, str, str], dict[FirewallRule, None]] = defaultdict(dict)
+
+    def add(self, family: Family, table: str, builtin: str, *rules: FirewallRule) -> None:
+        chain = self.rules[(family, table, builtin)]
+        for rule in rules:
+            chain.setdefault(rule, None)
+
+    def build(self) -> tuple[OwnedChain, ...]:
+        chains: list[OwnedChain] = []
+        for family in (4, 6):
+            for table in TABLE_ORDER:
+                for builtin in BUILTIN_CHAINS[table]:
+                    rules = self.rules.get((family, table, builtin))
+                    if rules:
+                        chains.append(OwnedChain(family, table, builtin, tuple(rules)))  # type: ignore[arg-type]
+        return tuple(chains)
+
+
+def legacy_chains(intent: FirewallIntent) -> tuple[OwnedChain, ...]:
+    """Every TAGROUTED-* chain the intent needs, in iptables-save order."""
+    c = _Chains()
+    mask = intent.mark_mask
+    for gw in intent.gateways:
+        f, pub = gw.family, gw.public_interface
+        for e in gw.exposed:
+            for public in gw.publics:
+                c.add(f, "nat", "PREROUTING", dnat_rule(e, pub, public))
+        denies = [FirewallRule(in_interface=pub, destination=dst, target="DROP")
+                  for dst in (*gw.home_networks, *gw.outside_hosts)]
+        if gw.via_tunnel:
+            denies.append(FirewallRule(in_interface=pub, out_interface=gw.via_tunnel, target="DROP"))
+        c.add(f, "filter", "FORWARD", ESTABLISHED, *(accept_rule(e, pub) for e in gw.exposed), *denies)
+    for p in intent.passages:
+        c.add(p.family, "filter", "FORWARD",
+              FirewallRule(in_interface=p.in_interface, out_interface=p.out_interface, target="ACCEPT"))
+    for t in intent.tunnel_tags:
+        c.add(t.family, "mangle", "PREROUTING",
+              FirewallRule(in_interface=t.tunnel, target="DSCP",
+                           target_options=(("set-dscp", _hex(t.dscp)),)),
+              FirewallRule(in_interface=t.lan, matches=(Match("dscp", (("dscp", _hex(t.dscp)),)),),
+                           target="MARK", target_options=(("set-xmark", f"{t.mark:#x}/{mask:#x}"),)))
+        c.add(t.family, "mangle", "POSTROUTING",
+              FirewallRule(out_interface=t.tunnel, target="DSCP", target_options=(("set-dscp", "0x00"),)))
+    for a in intent.admissions:
+        c.add(a.family, "filter", "FORWARD", ESTABLISHED,
+              *(accept_rule(e, a.tunnel, a.lan) for e in a.exposed),
+              FirewallRule(in_interface=a.tunnel, out_interface=a.lan, target="DROP"))
+    for r in intent.reply_tags:
+        c.add(r.family, "mangle", "INPUT", FirewallRule(
+            matches=(Match("dscp", (("dscp", _hex(r.dscp)),)),),
+            target="CONNMARK", target_options=(("set-xmark", f"{r.mark:#x}/{mask:#x}"),)))
+        # Restore only our bits: other tools' connmarks stay theirs.
+        c.add(r.family, "mangle", "OUTPUT", FirewallRule(
+            matches=(Match("connmark", (("mark", _masked(r.mark, mask)),)),), target="CONNMARK",
+            target_options=(("restore-mark", ""), ("nfmask", f"{mask:#x}"), ("ctmask", f"{mask:#x}"))))
+        if r.stamp_dscp:
+            c.add(r.family, "mangle", "OUTPUT", FirewallRule(
+                matches=(Match("mark", (("mark", _masked(r.mark, mask)),)),),
+                target="DSCP", target_options=(("set-dscp", _hex(r.dscp)),)))
+    return c.build()
+
+
+def counted_rules(intent: FirewallIntent) -> dict[str, tuple[CountedRule, ...]]:
+    """For each service, the rules whose counters make up its packets and bytes: on a gateway
+    its DNAT rules (one per public address), on a VPN client its ACCEPT toward the LAN; none on
+    a plain service host (no rule there is per service)."""
+    out: dict[str, list[CountedRule]] = defaultdict(list)
+    if intent.gateways:
+        for gw in intent.gateways:
+            for e in gw.exposed:
+                if e.tagged:
+                    out[e.name] += [(gw.family, "nat", "TAGROUTED-PREROUTING",
+                                     dnat_rule(e, gw.public_interface, p)) for p in gw.publics]
+    else:
+        for a in intent.admissions:
+            for e in a.exposed:
+                out[e.name].append((a.family, "filter", "TAGROUTED-FORWARD", accept_rule(e, a.tunnel, a.lan)))
+    return {name: tuple(rules) for name, rules in out.items()}

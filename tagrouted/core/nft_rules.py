@@ -1,0 +1,370 @@
+"""The firewall intent rendered for the nftables backend: the one table `inet tagrouted`.
+
+Pure: a function of the intent, no I/O. Services live in sets and maps (one lookup per packet
+whatever their number), per-service counters are named counter objects reached through an
+object map, so a reload that keeps a service keeps its counts.
+
+Base chains and why their priorities (numbers as nft prints them; `mangle` is -150):
+- `prerouting`  filter/prerouting  mangle + 10 (-140): the VPN client's DSCP stamp on what leaves
+  the tunnel and its mark from the DSCP of LAN replies; after other tools' mangle chains, so a
+  mark or DSCP rule of theirs cannot undo ours by load order (at equal priority the chain
+  registered later runs first), and before the routing decision that reads the mark.
+- `input`       filter/input       mangle + 10: the service host's connmark from the DSCP tag.
+- `output`      route/output       mangle + 10: the service host restores our mark from the
+  connmark; a `route` chain, so the kernel re-routes the reply when the mark changes.
+- `postrouting` filter/postrouting mangle + 10: the service host's DSCP stamp and the VPN client's
+  DSCP clear toward the tunnel, after other tools' mangle POSTROUTING (which may clear DSCP).
+- `dstnat`      nat/prerouting     dstnat (-100): the gateway's DNAT map.
+- `forward`     filter/forward     filter (0): per-service counters, then the forward ACLs. An
+  accept here ends only our chain; our drops are final whatever other tables say.
+Marks and connmarks are set, restored and matched within `mark_mask` only.
+
+Every rule and element carries a comment with a digest of its own text: the backend compares
+those digests with what it reads back, never rule text (which nft normalises differently from
+version to version).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from .state import Exposed, Family, FirewallIntent
+
+TABLE_FAMILY = "inet"
+TABLE_NAME = "tagrouted"
+FULL_MASK = 0xFFFFFFFF
+MANGLE_AFTER = -140   # NF_IP_PRI_MANGLE (-150) + 10
+DSTNAT = -100
+FILTER = 0
+MAX_LABEL = 40        # a comment holds a label and a digest (userdata stays far below 256 bytes)
+
+_ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
+_IP = {4: "ip", 6: "ip6"}
+_NFPROTO = {4: "ipv4", 6: "ipv6"}
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class NftElement:
+    """One set or map element: its key (and value) as nft reads them, and the service it is for."""
+
+    key: str
+    value: str | None = None
+    label: str = ""
+
+    @property
+    def text(self) -> str:
+        return self.key if self.value is None else f"{self.key} : {self.value}"
+
+    @property
+    def comment(self) -> str:
+        d = digest(self.text)
+        return f"{self.label[:MAX_LABEL]} {d}" if self.label else d
+
+    def command_text(self) -> str:
+        """As `add element` takes it: the comment sits between key and value."""
+        c = f'comment "{self.comment}"'
+        return f"{self.key} {c}" if self.value is None else f"{self.key} {c} : {self.value}"
+
+
+@dataclass(frozen=True)
+class NftSet:
+    """A named set (value None) or map."""
+
+    name: str
+    key: tuple[str, ...]
+    value: tuple[str, ...] | None = None
+    flags: tuple[str, ...] = ("interval",)
+    elements: tuple[NftElement, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        return "set" if self.value is None else "map"
+
+    def declaration(self) -> str:
+        typ = " . ".join(self.key)
+        if self.value is not None:
+            typ += " : " + " . ".join(self.value)
+        flags = f" flags {', '.join(self.flags)};" if self.flags else ""
+        return f"type {typ};{flags}"
+
+
+@dataclass(frozen=True)
+class NftRule:
+    text: str
+
+    @property
+    def comment(self) -> str:
+        return digest(self.text)
+
+    def command_text(self) -> str:
+        return f'{self.text} comment "{self.comment}"'
+
+
+@dataclass(frozen=True)
+class NftChain:
+    """A base chain of ours (we make no regular chains)."""
+
+    name: str
+    type: str
+    hook: str
+    priority: int
+    rules: tuple[NftRule, ...]
+    policy: str = "accept"
+
+    def declaration(self) -> str:
+        return f"type {self.type} hook {self.hook} priority {self.priority}; policy {self.policy};"
+
+
+@dataclass(frozen=True)
+class NftTable:
+    """Everything of ours in `inet tagrouted`; empty means no table at all."""
+
+    counters: tuple[str, ...] = ()
+    sets: tuple[NftSet, ...] = ()
+    chains: tuple[NftChain, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.counters or self.sets or self.chains)
+
+    def set(self, name: str) -> NftSet | None:
+        return next((s for s in self.sets if s.name == name), None)
+
+
+def counter_name(service: str) -> str:
+    """The named counter of a service (service names are letters, digits, '_', '.', '-')."""
+    return f"svc_{service}"
+
+
+def _ports(span: tuple[int, int]) -> str:
+    return str(span[0]) if span[0] == span[1] else f"{span[0]}-{span[1]}"
+
+
+def _endpoint_key(address: str, e: Exposed, public: bool) -> str:
+    return f"{address} . {e.proto} . {_ports(e.port if public else e.home_port)}"
+
+
+def _mark_set(expr: str, mark: int, mask: int) -> str:
+    """`meta mark set ...` / `ct mark set ...` writing our bits only."""
+    if mask == FULL_MASK:
+        return f"{expr} set {mark:#x}"
+    return f"{expr} set {expr} and {FULL_MASK & ~mask:#010x} or {mark:#x}"
+
+
+def _mark_is(expr: str, mark: int, mask: int) -> str:
+    return f"{expr} {mark:#x}" if mask == FULL_MASK else f"{expr} and {mask:#x} == {mark:#x}"
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.counters: dict[str, None] = {}
+        self.sets: dict[str, NftSet] = {}
+        self.elements: dict[str, dict[NftElement, None]] = {}
+        self.keys: dict[str, set[str]] = {}
+        self.chain_rules: dict[str, dict[str, None]] = {}
+
+    def rule(self, chain: str, text: str) -> None:
+        self.chain_rules.setdefault(chain, {}).setdefault(text, None)
+
+    def element(self, spec: NftSet, element: NftElement) -> None:
+        self.sets.setdefault(spec.name, spec)
+        keys = self.keys.setdefault(spec.name, set())
+        # One key is one element: the first service to claim a key keeps it (two services
+        # forwarded to one home address and port share the home side, e.g. 443 and 8443 -> 443).
+        if element.key not in keys:
+            keys.add(element.key)
+            self.elements.setdefault(spec.name, {})[element] = None
+
+
+_CHAINS = (  # name, type, hook, priority, in this order in the table
+    ("prerouting", "filter", "prerouting", MANGLE_AFTER),
+    ("input", "filter", "input", MANGLE_AFTER),
+    ("output", "route", "output", MANGLE_AFTER),
+    ("postrouting", "filter", "postrouting", MANGLE_AFTER),
+    ("dstnat", "nat", "prerouting", DSTNAT),
+    ("forward", "filter", "forward", FILTER),
+)
+
+
+def nft_table(intent: FirewallIntent) -> NftTable:
+    """The whole table the intent needs (every object only when something uses it)."""
+    b = _Builder()
+    mask = intent.mark_mask
+    counted: dict[Family, list[tuple[str, Exposed]]] = {4: [], 6: []}
+
+    for t in intent.tunnel_tags:
+        ip = _IP[t.family]
+        b.rule("prerouting", f'iifname "{t.tunnel}" {ip} dscp set {t.dscp}')
+        b.rule("prerouting", f'iifname "{t.lan}" {ip} dscp {t.dscp} {_mark_set("meta mark", t.mark, mask)}')
+        b.rule("postrouting", f'oifname "{t.tunnel}" {ip} dscp set 0')
+    for r in intent.reply_tags:
+        ip = _IP[r.family]
+        b.rule("input", f"{ip} dscp {r.dscp} {_mark_set('ct mark', r.mark, mask)}")
+        # Restore only our bits: other tools' connmarks stay theirs.
+        b.rule("output", f"{_mark_is('ct mark', r.mark, mask)} {_mark_set('meta mark', r.mark, mask)}")
+        if r.stamp_dscp:
+            b.rule("postrouting", f"{_mark_is('meta mark', r.mark, mask)} {ip} dscp set {r.dscp}")
+
+    # One chain serves both families: every accept comes before every drop, so a family-neutral
+    # drop (`iifname tun0 oifname eth0 drop`) never shadows the other family's accepts.
+    accepts: list[str] = []
+    drops: list[str] = []
+    for gw in intent.gateways:
+        f, ip, pub = gw.family, _IP[gw.family], gw.public_interface
+        addr = _ADDR_TYPE[f]
+        dnat = NftSet(f"dnat{f}", (addr, "inet_proto", "inet_service"), (addr,))
+        dnat_port = NftSet(f"dnat{f}_port", (addr, "inet_proto", "inet_service"), (addr, "inet_service"))
+        allow = NftSet(f"gw_allow{f}", (addr, "inet_proto", "inet_service"))
+        for e in gw.exposed:
+            for public in gw.publics:
+                key = _endpoint_key(public, e, public=True)
+                if e.to_port is None:
+                    b.element(dnat, NftElement(key, e.address, e.name))
+                else:
+                    b.element(dnat_port, NftElement(key, f"{e.address} . {e.to_port}", e.name))
+            if e.tagged:
+                counted[f].append((_endpoint_key(e.address, e, public=False), e))
+            b.element(allow, NftElement(_endpoint_key(e.address, e, public=False), label=e.name))
+        if dnat.name in b.sets:
+            b.rule("dstnat", f'iifname "{pub}" dnat {ip} to {ip} daddr . meta l4proto . th dport '
+                             f"map @{dnat.name}")
+        if dnat_port.name in b.sets:
+            b.rule("dstnat", f'iifname "{pub}" meta l4proto {{ tcp, udp }} '
+                             f"dnat {ip} to {ip} daddr . meta l4proto . th dport map @{dnat_port.name}")
+        if allow.name in b.sets:
+            accepts.append(f'iifname "{pub}" {ip} daddr . meta l4proto . th dport @{allow.name} accept')
+        home = NftSet(f"gw_home{f}", (addr,))
+        for net in gw.home_networks:
+            b.element(home, NftElement(net, label="home"))
+        for host in gw.outside_hosts:
+            b.element(home, NftElement(host.split("/")[0], label="forward"))
+        if home.name in b.sets:
+            drops.append(f'iifname "{pub}" {ip} daddr @{home.name} drop')
+        if gw.via_tunnel:
+            drops.append(f'iifname "{pub}" oifname "{gw.via_tunnel}" drop')
+    passage_families: dict[tuple[str, str], set[Family]] = {}
+    for p in intent.passages:
+        passage_families.setdefault((p.in_interface, p.out_interface), set()).add(p.family)
+    for (i, o), fams in passage_families.items():
+        only = "" if fams == {4, 6} else f"meta nfproto {_NFPROTO[min(fams)]} "
+        accepts.append(f'{only}iifname "{i}" oifname "{o}" accept')
+    for a in intent.admissions:
+        f, ip, addr = a.family, _IP[a.family], _ADDR_TYPE[a.family]
+        admit = NftSet(f"admit{f}", (addr, "inet_proto", "inet_service"))
+        for e in a.exposed:
+            key = _endpoint_key(e.address, e, public=False)
+            b.element(admit, NftElement(key, label=e.name))
+            if not intent.gateways:
+                counted[f].append((key, e))
+        if admit.name in b.sets:
+            accepts.append(f'iifname "{a.tunnel}" oifname "{a.lan}" {ip} daddr . meta l4proto . th dport '
+                           f"@{admit.name} accept")
+        drops.append(f'iifname "{a.tunnel}" oifname "{a.lan}" drop')
+
+    # Counted first, so every forwarded packet of a service's connections counts, both ways, by
+    # its home endpoint (after the gateway's DNAT, before the reverse NAT of replies).
+    for f in (4, 6):
+        if not counted[f]:
+            continue
+        ip, addr = _IP[f], _ADDR_TYPE[f]
+        cmap = NftSet(f"svc_counters{f}", (addr, "inet_proto", "inet_service"), ("counter",))
+        for key, e in counted[f]:
+            name = counter_name(e.name)
+            b.counters.setdefault(name, None)
+            b.element(cmap, NftElement(key, f'"{name}"', e.name))
+        b.rule("forward", f"counter name {ip} daddr . meta l4proto . th dport map @{cmap.name}")
+        b.rule("forward", f"counter name {ip} saddr . meta l4proto . th sport map @{cmap.name}")
+    if intent.gateways or intent.admissions:
+        b.rule("forward", "ct state established,related accept")
+    for text in (*accepts, *drops):
+        b.rule("forward", text)
+
+    chains = tuple(
+        NftChain(name, typ, hook, prio, tuple(NftRule(t) for t in b.chain_rules[name]))
+        for name, typ, hook, prio in _CHAINS if b.chain_rules.get(name))
+    sets = tuple(
+        NftSet(s.name, s.key, s.value, s.flags, tuple(b.elements[s.name])) for s in b.sets.values())
+    return NftTable(counters=tuple(b.counters), sets=sets, chains=chains)
+
+
+@dataclass
+class Script:
+    """An nft script of `add`/`flush`/`delete` commands, applied as one transaction."""
+
+    lines: list[str] = field(default_factory=list)
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+WHERE = f"{TABLE_FAMILY} {TABLE_NAME}"
+
+
+def add_set(script: Script, s: NftSet) -> None:
+    script.add(f"add {s.kind} {WHERE} {s.name} {{ {s.declaration()} }}")
+    add_elements(script, s, s.elements)
+
+
+def add_elements(script: Script, s: NftSet, elements: tuple[NftElement, ...] | list[NftElement]) -> None:
+    # A few hundred elements per command keeps each line (and its error, if any) readable.
+    chunk = 256
+    for i in range(0, len(elements), chunk):
+        body = ", ".join(e.command_text() for e in elements[i:i + chunk])
+        script.add(f"add element {WHERE} {s.name} {{ {body} }}")
+
+
+def add_chain(script: Script, c: NftChain) -> None:
+    script.add(f"add chain {WHERE} {c.name} {{ {c.declaration()} }}")
+    add_rules(script, c)
+
+
+def add_rules(script: Script, c: NftChain) -> None:
+    for r in c.rules:
+        script.add(f"add rule {WHERE} {c.name} {r.command_text()}")
+
+
+def creation_script(table: NftTable) -> Script:
+    """Every command that builds `table` from nothing."""
+    script = Script()
+    if table.empty:
+        return script
+    script.add(f"add table {WHERE}")
+    for name in table.counters:
+        script.add(f"add counter {WHERE} {name}")
+    for s in table.sets:
+        add_set(script, s)
+    for c in table.chains:
+        add_chain(script, c)
+    return script
+
+
+def table_lines(table: NftTable) -> list[str]:
+    """The table as `nft list` shows it (what `plan` prints): readable, and loadable by nft -f."""
+    if table.empty:
+        return []
+    out = [f"table {WHERE} {{"]
+    for name in table.counters:
+        out.append(f"\tcounter {name} {{ }}")
+    for s in table.sets:
+        out.append(f"\t{s.kind} {s.name} {{ {s.declaration()}")
+        if s.elements:
+            out.append("\t\telements = {")
+            out += [f"\t\t\t{e.command_text()}," for e in s.elements]
+            out.append("\t\t}")
+        out.append("\t}")
+    for c in table.chains:
+        out.append(f"\tchain {c.name} {{")
+        out.append(f"\t\t{c.declaration()}")
+        out += [f"\t\t{r.command_text()}" for r in c.rules]
+        out.append("\t}")
+    out.append("}")
+    return out
