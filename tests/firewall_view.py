@@ -54,7 +54,12 @@ def _canonical(value: Any) -> Any:
 def nft_ruleset(out: Out) -> str:
     """The whole nft ruleset (iptables-nft's tables included), as canonical JSON: objects in
     name order, rules in chain order, no handles or counter values."""
-    doc = json.loads(out(["nft", "-j", "list", "ruleset"]) or '{"nftables": []}')
+    return canonical_nft(out(["nft", "-j", "list", "ruleset"]))
+
+
+def canonical_nft(json_text: str) -> str:
+    """`nft -j list ruleset` output in the canonical form of nft_ruleset()."""
+    doc = json.loads(json_text or '{"nftables": []}')
     items = [_canonical(x) for x in doc.get("nftables", []) if "metainfo" not in x]
     objects = sorted((x for x in items if "rule" not in x), key=lambda x: json.dumps(x, sort_keys=True))
     rules = [x for x in items if "rule" in x]

@@ -141,17 +141,22 @@ class Lab:
     manager: "tagrouted" runs the daemon on every host of the path ("apply" if it is not
     installed yet), "apply" converges once with `tagroutectl apply`, "recipe" runs the seed's
     one-shot commands (tests/bench/recipe_up.sh). keep_dir (or TAGROUTED_LAB_KEEP=1) keeps the
-    directory with the configs and logs after teardown, for a look after a failure."""
+    directory with the configs and logs after teardown, for a look after a failure. backend
+    names the firewall backend of every host (None: the examples' default, auto)."""
 
     def __init__(self, variant: Variant = "openvpn", layout: Layout = "seed",
                  manager: Manager = "tagrouted",
                  progress: Callable[[str], None] | None = None,
-                 keep_dir: bool = bool(os.environ.get("TAGROUTED_LAB_KEEP"))) -> None:
+                 keep_dir: bool = bool(os.environ.get("TAGROUTED_LAB_KEEP")),
+                 backend: str | None = None) -> None:
         assert variant in ("openvpn", "wireguard") and layout in ("seed", "combined")
         assert manager in ("tagrouted", "apply", "recipe")
         if manager == "tagrouted" and not daemon_available():
             manager = "apply"
         self.variant, self.layout, self.manager = variant, layout, manager
+        # the firewall backend every host's config names; None: the example files unchanged
+        # (firewall.backend auto, which is nftables on a host whose iptables is iptables-nft)
+        self.backend = backend
         self.progress = progress
         self.keep_dir = keep_dir
         self.namespaces: list[Netns] = []
@@ -307,6 +312,8 @@ class Lab:
             (self.tmp / d).mkdir()
         for host, example in self.examples.items():
             text = (EXAMPLES / example).read_text()
+            if self.backend:
+                text = text.rstrip("\n") + f"\nfirewall: {{backend: {self.backend}}}\n"
             path = self.tmp / "etc" / f"{host}.yaml"
             path.write_text(text)
             self.configs[host] = path

@@ -32,7 +32,8 @@ def built_lab(**kwargs: Any) -> Iterator[Lab]:
     if os.geteuid() != 0:
         pytest.skip("needs root for network namespaces")
     with Lab(**kwargs) as lab:
-        measured(f"lab {lab.variant}/{lab.layout} with {lab.manager}: built in "
+        backend = f" ({lab.backend})" if lab.backend else ""
+        measured(f"lab {lab.variant}/{lab.layout} with {lab.manager}{backend}: built in "
                  f"{lab.timings['build']:.2f} s (tunnel up {lab.timings['tunnel_up']:.2f} s after "
                  "the client started)")
         yield lab

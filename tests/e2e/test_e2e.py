@@ -2,9 +2,10 @@
 
 What a user checks: through the public IPv4 and IPv6 addresses, TLS and UDP, the home service
 sees the client's own address; without tagrouted it does not work (the control); hardened
-rp_filter, a tunnel restart, a flushed mangle table and a reload with a new service all leave
-it working; nothing that is not configured is reachable from outside.
-One lab for the module: tests that break something put it back before they end.
+rp_filter, a tunnel restart, a flushed firewall and a reload with a new service all leave it
+working; another tool that ORs its own bit into every packet's mark does not break it (masks);
+nothing that is not configured is reachable from outside.
+One lab per firewall backend: tests that break something put it back before they end.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from firewall_view import BACKENDS
 from lab import (
     CLIENT4,
     LANHOST4,
@@ -33,9 +35,9 @@ pytestmark = pytest.mark.e2e
 RESYNC_INTERVAL = 2.0  # the example configs' default resync_interval
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    with built_lab(variant="openvpn", layout="seed", manager="tagrouted") as lab:
+@pytest.fixture(scope="module", params=BACKENDS)
+def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    with built_lab(variant="openvpn", layout="seed", manager="tagrouted", backend=request.param) as lab:
         yield lab
 
 
@@ -146,18 +148,64 @@ def test_openvpn_client_restart_works_again(lab: Lab, report: Callable[[str], No
     assert all_paths(lab) == expected_paths()
 
 
-def test_flushed_mangle_on_the_web_host_is_repaired(lab: Lab, report: Callable[[str], None]) -> None:
+FLUSH = {  # backend -> (what flushes our tagging on the web host, is it back?)
+    "iptables-legacy": ("iptables-legacy -t mangle -F",
+                        lambda lab: "TAGROUTED-OUTPUT" in lab.web.out("iptables-legacy -t mangle -S OUTPUT")
+                        and "-j CONNMARK" in lab.web.out("iptables-legacy -t mangle -S TAGROUTED-INPUT")),
+    "nftables": ("nft flush table inet tagrouted",
+                 lambda lab: "ct mark set" in lab.web.out("nft list chain inet tagrouted input")
+                 and "meta mark set" in lab.web.out("nft list chain inet tagrouted output")),
+}
+
+
+def test_flushed_tagging_on_the_web_host_is_repaired(lab: Lab, report: Callable[[str], None]) -> None:
     require_daemon(lab)
-    lab.web.run("iptables-legacy -t mangle -F")
+    command, repaired = FLUSH[lab.backend or "nftables"]
+    lab.web.run(command)
     t0 = time.monotonic()
-    wait_for(lambda: "TAGROUTED-OUTPUT" in lab.web.out("iptables-legacy -t mangle -S OUTPUT")
-             and "-j CONNMARK" in lab.web.out("iptables-legacy -t mangle -S TAGROUTED-INPUT"),
-             timeout=RESYNC_INTERVAL + 3, interval=0.02, what="the mangle rules repaired")
+    wait_for(lambda: repaired(lab), timeout=RESYNC_INTERVAL + 3, interval=0.02,
+             what="the tagging rules repaired")
     t_repair = time.monotonic() - t0
     wait_for(lambda: lab.request_tcp(PUBLIC4, timeout=1.0) == CLIENT4, timeout=RESYNC_INTERVAL + 3,
              what="TLS through the public address after the flush")
-    report(f"iptables-legacy -t mangle -F on the web host: repaired after {t_repair:.2f} s, "
-           f"path working after {time.monotonic() - t0:.2f} s (resync_interval {RESYNC_INTERVAL:g} s)")
+    how = "by event" if lab.backend == "nftables" else f"resync_interval {RESYNC_INTERVAL:g} s"
+    report(f"{command} on the web host: repaired after {t_repair:.3f} s, "
+           f"path working after {time.monotonic() - t0:.2f} s ({how})")
+
+
+# Another tool's boot-time table on the service host: it ORs its own bit into every packet's
+# mark, at mangle priority (loaded before tagrouted: at equal priority it would run after us) and
+# again at filter priority (after any mangle chain). Our tagging runs after mangle priority, and
+# with tag.mark_mask (0xff) our rule matches fwmark 0x2a/0xff whatever the tool adds.
+MARK_OR = """
+table inet othertool {
+  chain pre { type filter hook prerouting priority mangle; policy accept; meta mark set meta mark or 0x80000; }
+  chain out { type route hook output priority mangle; policy accept; meta mark set meta mark or 0x80000; }
+  chain late { type route hook output priority filter; policy accept; meta mark set meta mark or 0x80000; }
+}
+"""
+
+
+def test_a_tool_that_ors_its_bit_into_every_mark_does_not_break_the_path(lab: Lab) -> None:
+    require_daemon(lab)
+    lab.stop_tagrouted(["web"], remove_state=True)
+    lab.web.run("nft -f -", input=MARK_OR)  # loaded first, as at boot
+    original = lab.configs["web"].read_text()
+    try:
+        lab.start_tagrouted(["web"])
+        lab.wait_path(timeout=30)
+        assert all_paths(lab) == expected_paths()
+        # The control: the whole mark as ours (the behaviour before masks) breaks the path.
+        lab.configs["web"].write_text(original.rstrip("\n") + "\ntag: {mark_mask: 0xffffffff}\n")
+        assert lab.tagroutectl("web", "reload").returncode == 0
+        assert "fwmark 0x2a lookup 42" in lab.web.out("ip -4 rule show")
+        assert lab.request_tcp(PUBLIC4, timeout=FAIL_TIMEOUT) is None
+    finally:
+        lab.configs["web"].write_text(original)
+        lab.tagroutectl("web", "reload")
+        lab.web.run("nft delete table inet othertool", check=False)
+    lab.wait_path(timeout=30)
+    assert all_paths(lab) == expected_paths()
     assert all_paths(lab) == expected_paths()
 
 

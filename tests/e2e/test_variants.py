@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from firewall_view import BACKENDS
 from lab import CLIENT4, LANHOST4, LANHOST6, PUBLIC4, SPARE_TLS_PORT, SPARE_UDP_PORT, TLS_PORT, Lab
 from nslab import wait_for
 from peer_echo import ask_tcp
@@ -16,13 +17,14 @@ from support import FAIL_TIMEOUT, PATHS, all_paths, built_lab, expected_paths, r
 
 pytestmark = pytest.mark.e2e
 
-SHAPES = [("wireguard", "seed"), ("openvpn", "combined"), ("wireguard", "combined")]
+SHAPES = [(v, lay, b) for v, lay in [("wireguard", "seed"), ("openvpn", "combined"), ("wireguard", "combined")]
+          for b in BACKENDS]
 
 
-@pytest.fixture(scope="module", params=SHAPES, ids=[f"{v}-{lay}" for v, lay in SHAPES])
+@pytest.fixture(scope="module", params=SHAPES, ids=[f"{v}-{lay}-{b}" for v, lay, b in SHAPES])
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
-    variant, layout = request.param
-    with built_lab(variant=variant, layout=layout, manager="tagrouted") as lab:
+    variant, layout, backend = request.param
+    with built_lab(variant=variant, layout=layout, manager="tagrouted", backend=backend) as lab:
         yield lab
 
 

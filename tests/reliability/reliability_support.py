@@ -5,8 +5,9 @@
 
 Each test module builds its own namespaces (nslab prefix, removed at module end, also on
 failure) and runs the real `tagrouted` in them through daemon_harness.DaemonProc. What the
-tests compare is what a user would look at: iptables-legacy-save / ip6tables-legacy-save
-without counters, `ip rule`, `ip route show table all`, and the sysctls tagrouted keeps.
+tests compare is what a user would look at: the nft ruleset and iptables-legacy-save /
+ip6tables-legacy-save without counters, `ip rule`, `ip route show table all`, and the sysctls
+tagrouted keeps.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 from daemon_harness import TAGROUTECTL, DaemonProc, Record
+from firewall_view import canonical_nft
 from nslab import Netns
 
 SYSCTLS = (
@@ -35,6 +37,7 @@ echo "## rules6"; ip -6 rule show
 echo "## routes4"; ip -4 route show table all
 echo "## routes6"; ip -6 route show table all
 echo "## sysctls"; for k in {keys}; do printf '%s=' $k; sysctl -n $k 2>/dev/null || echo absent; done
+echo "## nft"; nft -j list ruleset
 """
 
 
@@ -50,7 +53,9 @@ def snapshot(ns: Netns) -> dict[str, str]:
             sections[current] = []
         elif not line.startswith("#"):
             sections[current].append(_COUNTERS.sub("[0:0]", line))
-    return {k: "\n".join(v) for k, v in sections.items()}
+    snap = {k: "\n".join(v) for k, v in sections.items()}
+    snap["nft"] = canonical_nft(snap.get("nft", ""))
+    return snap
 
 
 def differences(want: dict[str, str], have: dict[str, str]) -> str:

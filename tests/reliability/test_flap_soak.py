@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from daemon_harness import DaemonProc
+from firewall_view import with_backend
 from nslab import Netns, veth
 from reliability_support import LINK_RACE, ctl, error_records, tracebacks
 
@@ -88,7 +89,7 @@ def soak(cycles: int, seed: int) -> dict[str, Any]:
     return {"problems": problems, "max_rules": max_rules}
 
 
-def test_flap_soak(netns: type[Netns], tmp_path: Path) -> None:
+def test_flap_soak(netns: type[Netns], tmp_path: Path, backend: str) -> None:
     ns = netns("soak")
     lan = netns("soak-lan")
     veth(ns, "eth0", lan, "eth1")
@@ -96,7 +97,7 @@ def test_flap_soak(netns: type[Netns], tmp_path: Path) -> None:
     ns.run("ip tuntap add dev tun0 mode tun")
     ns.run("ip link set tun0 up")
     config = tmp_path / "tagrouted.yaml"
-    config.write_text(CONFIG)
+    config.write_text(with_backend(CONFIG, backend))
     run_dir = tmp_path / "run"
     with DaemonProc(ns, config, run_dir) as d:
         d.wait_ready()

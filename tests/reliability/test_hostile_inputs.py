@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from daemon_harness import DaemonProc
+from firewall_view import BACKENDS, with_backend
 from nslab import Netns, veth, wait_for
 from reliability_support import Namespaces, ctl, differences, error_records, snapshot, tracebacks
 
@@ -52,33 +53,36 @@ class Host:
     config: Path
     run_dir: Path
     reference: dict[str, str]
+    good: str  # the config text it runs with
 
     @property
     def sock(self) -> str:
         return str(self.run_dir / "tagrouted.sock")
 
 
-@pytest.fixture(scope="module")
-def host(module_netns: Namespaces) -> Iterator[Host]:
+@pytest.fixture(scope="module", params=BACKENDS)
+def host(module_netns: Namespaces, request: pytest.FixtureRequest) -> Iterator[Host]:
+    backend = str(request.param)
     # Under /tmp (not pytest's 0700 tree): the non-root client must be able to reach the socket
     # for the socket's own mode and the daemon's peer check to be what refuses it.
     base = Path(tempfile.mkdtemp(prefix="tgr-hostile-", dir="/tmp"))
     os.chmod(base, 0o711)
-    ns = module_netns("hostile")
-    peer = module_netns("hostile-peer")
+    tag = "nft" if backend == "nftables" else "ipt"
+    ns = module_netns(f"hostile-{tag}")
+    peer = module_netns(f"hostile-{tag}-peer")
     ns.run("sysctl -qw net.ipv6.conf.default.accept_dad=0")
     veth(ns, "eth0", peer, "eth0")
     ns.run("ip addr add 192.0.2.200/24 dev eth0")
     ns.run("ip addr add 192.168.200.1/24 dev eth0")
     config = base / "tagrouted.yaml"
-    config.write_text(GOOD)
+    config.write_text(with_backend(GOOD, backend))
     run_dir = base / "run"
     d = DaemonProc(ns, config, run_dir)
     d.start()
     try:
         d.wait_ready()
         os.chmod(run_dir, 0o711)
-        yield Host(ns, d, config, run_dir, snapshot(ns))
+        yield Host(ns, d, config, run_dir, snapshot(ns), config.read_text())
     finally:
         d.close()
         shutil.rmtree(base, ignore_errors=True)
@@ -152,7 +156,7 @@ def test_hostile_config_is_refused_and_the_state_kept(host: Host, case: str) -> 
     finally:
         with contextlib.suppress(FileNotFoundError):
             host.config.unlink()
-        host.config.write_text(GOOD)
+        host.config.write_text(host.good)
     res = ctl(host.ns, host.config, host.run_dir, "reload")
     assert res.returncode == 0, res.stderr
     assert host.daemon.status()["config_errors"] == []
