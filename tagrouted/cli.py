@@ -173,6 +173,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     except Untrusted as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INVALID
+    if not isinstance(reply.get("status"), dict):
+        print("error: the daemon's answer holds no status", file=sys.stderr)
+        return EXIT_INVALID
     if args.json:
         print(json.dumps(reply["status"], indent=2, sort_keys=True))
     else:

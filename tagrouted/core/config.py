@@ -8,6 +8,7 @@ no kernel state, imports no edge library. Nothing downstream ever sees a half-va
 from __future__ import annotations
 
 import bisect
+import json
 import math
 import os
 import re
@@ -674,7 +675,14 @@ def _index(path: str, i: int) -> str:
     return f"{path}[{i}]"
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_<?-]+")
+
+
 def _key(path: str, key: str) -> str:
+    """path.key; a key that is not a plain word is written as a JSON string, with ':' escaped
+    too, so `FILE:LINE: key: message` reads back unambiguously whatever the key holds."""
+    if not _PLAIN_KEY.fullmatch(key):
+        return f'{path}[{json.dumps(key).replace(":", chr(92) + "u003a")}]'
     return f"{path}.{key}" if path else key
 
 
