@@ -244,18 +244,24 @@ def read_config_bytes(path: str) -> bytes:
                                              f"not a regular file ({_file_kind(st.st_mode)})")])
         if st.st_size > MAX_FILE_BYTES:
             raise ConfigError([_too_large(path)])
-        chunks: list[bytes] = []
-        size = 0
-        while size <= MAX_FILE_BYTES:  # bounded even if the file grows while we read
-            chunk = os.read(fd, MAX_FILE_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
+        return read_bounded(fd, MAX_FILE_BYTES)
     except OSError as e:
         raise ConfigError([ConfigProblem(path, 1, "file", f"cannot read: {e.strerror}")]) from None
     finally:
         os.close(fd)
+
+
+def read_bounded(fd: int, limit: int) -> bytes:
+    """At most limit + 1 bytes from `fd` (one more than allowed: the caller sees it is too long),
+    bounded even if the file grows while it is read."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = os.read(fd, limit + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
     return b"".join(chunks)
 
 

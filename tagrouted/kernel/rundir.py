@@ -4,7 +4,8 @@ Owns: opening the run directory only when it is ours, and the file primitives ev
 it uses (the routing record, the saved sysctls, the daemon's lock). Never decides what goes in
 the files; their owners (converge.RoutingRecord, sysctl.SavedSysctls) validate what they read
 back, because a planted `tables.json` of [254] once made `apply` delete the main table.
-Stdlib only: `tagroutectl status` checks the directory without loading pyroute2 or libiptc.
+Stdlib only (and core.config's bounded read): `tagroutectl status` checks the directory without
+loading pyroute2 or libiptc.
 
 What "ours" means, checked when a RunDir is opened:
 - the run directory itself, and every component of the --run-dir path tagrouted creates, is a
@@ -33,6 +34,8 @@ import errno
 import os
 import secrets
 import stat
+
+from ..core.config import read_bounded
 
 OWNER = 0  # root: the daemon and tagroutectl's writing commands run as root
 MAX_RECORD_BYTES = 1 << 20
@@ -179,18 +182,11 @@ class RunDir:
             if not stat.S_ISREG(st.st_mode):
                 raise RunDirError(f"{self.file(name)} is not a regular file: tagrouted only reads "
                                   "files it wrote; remove it")
-            chunks: list[bytes] = []
-            size = 0
-            while size <= limit:  # bounded even if the file grows while we read
-                chunk = os.read(fd, limit + 1 - size)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-            if size > limit:
+            data = read_bounded(fd, limit)
+            if len(data) > limit:
                 raise RunDirError(f"{self.file(name)} is larger than {limit} bytes: not a file "
                                   "tagrouted wrote; remove it")
-            return b"".join(chunks)
+            return data
         finally:
             os.close(fd)
 
