@@ -106,6 +106,8 @@ def open_run_dir(path: str, *, create: bool = True, owner: int = OWNER) -> int:
                     created = True
                 except FileExistsError:
                     pass  # made by someone else meanwhile: checked below like any other
+                except OSError as e:  # a read-only file system, no permission
+                    raise RunDirError(f"cannot create {walked}: {e.strerror}") from None
                 child = _open_dir(part, fd, walked)
                 if created:
                     os.fchmod(child, 0o700)  # whatever the umask said
