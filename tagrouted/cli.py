@@ -8,7 +8,6 @@ so they start fast; only `diff`, `apply` and `down` import the kernel libraries.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -34,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="ask the daemon how it is (exit 3: no daemon)")
     status.add_argument("--json", action="store_true", help="machine-readable")
     sub.add_parser("reload", help="make the daemon re-read the config")
-    sub.add_parser("down", help="remove everything tagrouted owns, restore sysctls")
+    sub.add_parser("down", help="remove everything tagrouted owns, restore sysctls (exit 1: a part failed)")
     return p
 
 
@@ -88,16 +87,34 @@ def _legacy_notice(config: Config) -> None:
               "iptables-legacy-save / ip6tables-legacy-save", file=sys.stderr)
 
 
+def _converger(run_dir: str) -> object | None:
+    """A Converger on `run_dir`, or None after saying why the run directory is refused."""
+    from .kernel.converge import Converger
+    from .kernel.rundir import RunDirError
+
+    try:
+        return Converger(run_dir)
+    except RunDirError as e:
+        print(f"error: run directory refused: {e}", file=sys.stderr)
+        return None
+
+
 def cmd_diff(args: argparse.Namespace) -> int:
     from .kernel.converge import Converger, drift_lines
 
     config = _load(args.config)
     if config is None:
         return EXIT_INVALID
-    with Converger(args.run_dir) as converger:
+    converger = _converger(args.run_dir)
+    if not isinstance(converger, Converger):
+        return EXIT_INVALID
+    with converger:
         lines = drift_lines(converger, config)
     for line in lines:
-        print(line)
+        if line.startswith("!"):  # what stops the comparison itself (a refused routing table)
+            print(f"error: {line[1:]}", file=sys.stderr)
+        else:
+            print(line)
     return EXIT_DRIFT if lines else EXIT_OK
 
 
@@ -123,35 +140,45 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_INVALID
     _legacy_notice(config)
-    os.makedirs(args.run_dir, mode=0o700, exist_ok=True)
-    with Converger(args.run_dir) as converger:
+    converger = _converger(args.run_dir)
+    if not isinstance(converger, Converger):
+        return EXIT_INVALID
+    with converger:
         return _report(converger.converge(config))
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    """Remove what the run directory records plus our brands; non-zero when anything failed."""
     from .core.config import ConfigError, Tag, load_config
     from .kernel.converge import Converger
 
     try:
         tag = load_config(args.config).tag
-    except (ConfigError, OSError):
+    except (ConfigError, OSError, ValueError):
         tag = Tag()  # a broken or missing file must not keep `down` from cleaning up
-    os.makedirs(args.run_dir, mode=0o700, exist_ok=True)
-    with Converger(args.run_dir) as converger:
-        _report(converger.converge(None, tag))
-    return EXIT_OK
+    converger = _converger(args.run_dir)
+    if not isinstance(converger, Converger):
+        return EXIT_INVALID
+    with converger:
+        return _report(converger.converge(None, tag))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from .daemon.control import NoDaemon, request
+    from .daemon.control import NoDaemon, Untrusted, request
 
     try:
         reply = request(args.run_dir, {"command": "status"})
     except NoDaemon as e:
         _no_daemon(e)
         return EXIT_NO_DAEMON
+    except Untrusted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    if not isinstance(reply.get("status"), dict):
+        print("error: the daemon's answer holds no status", file=sys.stderr)
+        return EXIT_INVALID
     if args.json:
         print(json.dumps(reply["status"], indent=2, sort_keys=True))
     else:
@@ -162,13 +189,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    from .daemon.control import NoDaemon, request
+    from .daemon.control import NoDaemon, Untrusted, request
 
     try:
         reply = request(args.run_dir, {"command": "reload"}, timeout=60)
     except NoDaemon as e:
         _no_daemon(e)
         return EXIT_NO_DAEMON
+    except Untrusted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INVALID
     if reply.get("ok"):
         for line in reply.get("changes", []):
             print(line)

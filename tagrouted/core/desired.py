@@ -5,7 +5,8 @@ of the firewall intent (backend-neutral: core/iptables_rules.py and core/nft_rul
 combined roles on one host merge into one non-duplicated state (a route, rule or passage wanted
 by two roles appears once). The facts it reads are the ones netlink does
 not make policy of by itself: which links exist (a route `dev tun0` only while tun0 exists),
-`all.rp_filter` (the kernel uses max(all, if)), and each link's accept_ra.
+`all.rp_filter` (the kernel uses max(all, if)), each link's accept_ra, and which links carry
+the host's IPv6 default route (accept_ra=2 goes only there and on links the config names).
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ def exposed(svc: Service, tagged: bool = True) -> Exposed:
 class _Builder:
     """Accumulates one host's state across roles, dropping exact duplicates, keeping order."""
 
-    def __init__(self, tag: Tag) -> None:
+    def __init__(self, tag: Tag, ra_links: frozenset[str] = frozenset()) -> None:
         self.tag = tag
+        self.ra_links = ra_links  # where accept_ra=2 may be set (see forwarding)
         self.routes: set[Route] = set()
         self.rules: set[PolicyRule] = set()
         self.sysctls: dict[str, str] = {}
@@ -77,8 +79,10 @@ class _Builder:
             return
         self.sysctls["net.ipv6.conf.all.forwarding"] = "1"
         # With forwarding on, accept_ra=1 is ignored: 2 keeps a VPS's RA-learned default route.
+        # Only where that route is (or on links the config names): on every link, a rogue RA
+        # on the LAN could set the default route.
         for link in facts.links:
-            if link.name != "lo" and link.accept_ra in (1, 2):
+            if link.name in self.ra_links and link.name != "lo" and link.accept_ra in (1, 2):
                 self.sysctls[f"net.ipv6.conf.{link.name}.accept_ra"] = "2"
 
     def build(self) -> DesiredState:
@@ -227,15 +231,34 @@ _ROLE_ORDER = ("gateway", "vpn-server", "vpn-client", "service")
 
 def desired_state(config: Config, facts: HostFacts) -> DesiredState:
     """Everything this host keeps in place, given its config and the links present now."""
-    b = _Builder(config.tag)
+    b = _Builder(config.tag, frozenset(named_interfaces(config)) | frozenset(facts.ipv6_default_devs))
     for role in _ROLE_ORDER:
         if config.has(role):
             _ROLE_COMPILERS[role](config, facts, b)
     return b.build()
 
 
+def forwarded_families(config: Config) -> frozenset[Family]:
+    """The families whose forwarding the roles switch on (where `_Builder.forwarding` is called):
+    the netlink adapter reads the IPv6 default routes' devices only when 6 is among them."""
+    families: set[Family] = set()
+    if config.has("gateway") and config.gateway:
+        families |= set(_families_of(config.gateway.public_addresses))
+    if config.has("vpn-server") and config.vpn_server:
+        families |= set(config.vpn_server.families)
+    if config.has("vpn-client") and config.vpn_client:
+        families |= set(_service_families(config))
+    return frozenset(families)
+
+
 def assumed_facts(config: Config) -> HostFacts:
     """Facts for `plan` on any machine: every interface the config names is present and up."""
+    unique = named_interfaces(config)
+    return HostFacts(links=tuple(LinkFacts(n, i + 2) for i, n in enumerate(unique)))
+
+
+def named_interfaces(config: Config) -> list[str]:
+    """Every interface the config names, once each, in the order of the sections."""
     names: list[str] = []
     if config.gateway:
         names.append(config.gateway.public_interface)
@@ -245,8 +268,7 @@ def assumed_facts(config: Config) -> HostFacts:
         names += [config.vpn_client.tunnel_interface, config.vpn_client.lan_interface]
     if config.service and config.service.tunnel_interface:
         names.append(config.service.tunnel_interface)
-    unique = list(dict.fromkeys(names))
-    return HostFacts(links=tuple(LinkFacts(n, i + 2) for i, n in enumerate(unique)))
+    return list(dict.fromkeys(names))
 
 
 def empty_state(tag: Tag) -> DesiredState:

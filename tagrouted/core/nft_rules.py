@@ -348,23 +348,24 @@ def creation_script(table: NftTable) -> Script:
 
 
 def table_lines(table: NftTable) -> list[str]:
-    """The table as `nft list` shows it (what `plan` prints): readable, and loadable by nft -f."""
+    """The table as `nft list` shows it (what `plan` prints), indented with spaces: readable, and
+    loadable by nft -f."""
     if table.empty:
         return []
     out = [f"table {WHERE} {{"]
     for name in table.counters:
-        out.append(f"\tcounter {name} {{ }}")
+        out.append(f"  counter {name} {{ }}")
     for s in table.sets:
-        out.append(f"\t{s.kind} {s.name} {{ {s.declaration()}")
+        out.append(f"  {s.kind} {s.name} {{ {s.declaration()}")
         if s.elements:
-            out.append("\t\telements = {")
-            out += [f"\t\t\t{e.command_text()}," for e in s.elements]
-            out.append("\t\t}")
-        out.append("\t}")
+            out.append("    elements = {")
+            out += [f"      {e.command_text()}," for e in s.elements]
+            out.append("    }")
+        out.append("  }")
     for c in table.chains:
-        out.append(f"\tchain {c.name} {{")
-        out.append(f"\t\t{c.declaration()}")
-        out += [f"\t\t{r.command_text()}" for r in c.rules]
-        out.append("\t}")
+        out.append(f"  chain {c.name} {{")
+        out.append(f"    {c.declaration()}")
+        out += [f"    {r.command_text()}" for r in c.rules]
+        out.append("  }")
     out.append("}")
     return out

@@ -21,6 +21,8 @@ from .state import (
 )
 
 SAVE_COMMAND = {4: "iptables-legacy-save", 6: "ip6tables-legacy-save"}
+# Sysctl subtrees whose next component is an interface name (which may itself contain dots).
+PER_INTERFACE = ("net.ipv4.conf.", "net.ipv6.conf.", "net.ipv4.neigh.", "net.ipv6.neigh.")
 
 
 def route_key(r: Route) -> tuple[int, int, str, str, str, str, int]:
@@ -35,8 +37,20 @@ def rule_line(r: PolicyRule) -> str:
     return f"ip -{r.family} rule add {r.describe()}"
 
 
+def sysctl_cli_key(key: str) -> str:
+    """The key as sysctl(8) reads it: dots in an interface name become '/'
+    (net.ipv4.conf.tun0.100.rp_filter -> net.ipv4.conf.tun0/100.rp_filter); sysctl(8) refuses
+    the dotted form, which names no file."""
+    for prefix in PER_INTERFACE:
+        if key.startswith(prefix):
+            name, sep, leaf = key[len(prefix):].rpartition(".")
+            if sep:
+                return f"{prefix}{name.replace('.', '/')}.{leaf}"
+    return key
+
+
 def sysctl_line(s: Sysctl) -> str:
-    return f"sysctl -w {s.describe()}"
+    return f"sysctl -w {sysctl_cli_key(s.key)}={s.value}"
 
 
 def jump_line(chain: OwnedChain) -> str:

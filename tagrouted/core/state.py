@@ -289,10 +289,12 @@ class LinkFacts:
 
 @dataclass(frozen=True)
 class HostFacts:
-    """Observed facts the desired state depends on: links present, rp_filter `all`."""
+    """Observed facts the desired state depends on: links present, rp_filter `all`, and the
+    devices of the main table's IPv6 default routes (read only when IPv6 forwarding is wanted)."""
 
     links: tuple[LinkFacts, ...] = ()
     rp_filter_all: int = 0
+    ipv6_default_devs: tuple[str, ...] = ()
 
     def link(self, name: str) -> LinkFacts | None:
         for link in self.links:

@@ -12,6 +12,12 @@ Rules of the socket:
 - A request is one line of at most MAX_LINE bytes, read within CLIENT_TIMEOUT seconds; garbage,
   an oversized line or a silent client gets a clear error reply (or is dropped) and the daemon
   goes on. At most MAX_CLIENTS connections are served at once.
+- JSON is parsed with a depth bound (MAX_JSON_DEPTH), both ways: `[` x 60,000 once raised a
+  RecursionError in the server and got no reply.
+- The client believes only root: the run directory must pass rundir's checks, the socket file
+  must be a socket owned by root, and the process answering on it must run as root
+  (SO_PEERCRED of the daemon's end); else `Untrusted` (a socket swapped in by another user once
+  answered root's `reload` with "reloaded").
 - Replies: {"ok": true, ...} or {"ok": false, "error": "..."} for a refused request;
   reload answers {"ok": false, "errors": [config problems]} when the file is rejected.
 """
@@ -21,7 +27,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
+import stat
 import struct
 import threading
 import time
@@ -40,6 +48,33 @@ class NoDaemon(Exception):
     """Nobody answers on the run directory's control socket (exit 3 in tagroutectl)."""
 
 
+class Untrusted(Exception):
+    """The run directory or whoever answers on its socket is not root's: no answer is believed."""
+
+
+MAX_JSON_DEPTH = 32
+# One token at a time from the left: text without brackets or quotes, then a whole string or one
+# bracket. Linear: a string that never ends stops the scan (json.loads then refuses the text).
+_JSON_TOKEN = re.compile(rb'[^"\[\]{}]*(?:"(?:[^"\\]|\\.)*"|([\[{])|([\]}]))')
+
+
+def loads_bounded(data: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """json.loads, after checking that nothing nests deeper than `max_depth` (ValueError if so)."""
+    depth, pos, end = 0, 0, len(data)
+    while pos < end:
+        m = _JSON_TOKEN.match(data, pos)
+        if m is None or m.end() == pos:
+            break
+        if m.group(1):
+            depth += 1
+            if depth > max_depth:
+                raise ValueError(f"JSON nested deeper than {max_depth} levels")
+        elif m.group(2):
+            depth -= 1
+        pos = m.end()
+    return json.loads(data)
+
+
 class Refused(NoDaemon):
     """The daemon answered with a refusal (not root, malformed request)."""
 
@@ -54,8 +89,10 @@ def request(run_dir: str, payload: dict[str, Any], timeout: float = 5) -> dict[s
     """Send one request to the daemon of `run_dir` and return its reply.
 
     Raises NoDaemon when no daemon listens there (no socket, a stale socket, no answer within
-    `timeout`), Refused when the daemon refuses the request."""
+    `timeout`), Refused when the daemon refuses the request, Untrusted when the run directory,
+    the socket or the process behind it is not root's."""
     path = socket_path(run_dir)
+    _check_socket_file(run_dir, path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.settimeout(timeout)
@@ -71,11 +108,17 @@ def request(run_dir: str, payload: dict[str, Any], timeout: float = 5) -> dict[s
             raise NoDaemon(f"{path} did not accept within {timeout:g}s") from None
         except OSError as e:
             raise NoDaemon(f"cannot connect to {path}: {e.strerror or e}") from None
+        _pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        if uid != 0:
+            raise Untrusted(f"the process answering on {path} runs as uid {uid}, not root: "
+                            "not tagrouted; its answer is not believed")
         try:
             sock.sendall(json.dumps(payload).encode() + b"\n")
             data = _read_line(sock, MAX_LINE * 64)
         except TimeoutError:
             raise NoDaemon(f"no answer on {path} within {timeout:g}s") from None
+        except ValueError as e:
+            raise NoDaemon(f"{path}: {e}") from None
         except OSError as e:
             raise NoDaemon(f"{path}: {e.strerror or e}") from None
     finally:
@@ -83,14 +126,38 @@ def request(run_dir: str, payload: dict[str, Any], timeout: float = 5) -> dict[s
     if not data:
         raise NoDaemon(f"{path} closed the connection without an answer")
     try:
-        reply = json.loads(data)
+        reply = loads_bounded(data)
     except ValueError:
-        raise NoDaemon(f"{path} answered something that is not JSON") from None
+        raise NoDaemon(f"{path} answered something that is not JSON (or nested too deep)") from None
     if not isinstance(reply, dict):
         raise NoDaemon(f"{path} answered something that is not a JSON object")
     if "error" in reply and not reply.get("ok"):
         raise Refused(f"the daemon refused the request: {reply['error']}")
     return reply
+
+
+def _check_socket_file(run_dir: str, path: str) -> None:
+    """The run directory is ours and the socket in it is a socket owned by root."""
+    from ..kernel.rundir import NoRunDir, RunDirDenied, RunDirError, open_run_dir
+
+    try:
+        fd = open_run_dir(run_dir, create=False)
+    except NoRunDir:
+        raise NoDaemon(f"no run directory {os.path.abspath(run_dir)}") from None
+    except RunDirDenied as e:
+        raise NoDaemon(str(e)) from None
+    except RunDirError as e:
+        raise Untrusted(f"run directory refused: {e}") from None
+    try:
+        st = os.lstat(SOCKET_NAME, dir_fd=fd)
+    except FileNotFoundError:
+        raise NoDaemon(f"no control socket at {path}") from None
+    finally:
+        os.close(fd)
+    if not stat.S_ISSOCK(st.st_mode):
+        raise Untrusted(f"{path} is not a socket")
+    if st.st_uid != 0:
+        raise Untrusted(f"{path} is owned by uid {st.st_uid}, not root: not tagrouted's socket")
 
 
 def _read_line(sock: socket.socket, limit: int) -> bytes:
@@ -267,9 +334,9 @@ class ControlServer:
         except TimeoutError:
             return {"ok": False, "error": f"no complete request line within {CLIENT_TIMEOUT:g}s"}
         try:
-            req = json.loads(line)
-        except ValueError:
-            return {"ok": False, "error": "request is not JSON"}
+            req = loads_bounded(line)
+        except ValueError as e:
+            return {"ok": False, "error": f"request is not JSON: {e}"}
         if not isinstance(req, dict) or not isinstance(req.get("command"), str):
             return {"ok": False, "error": 'request must be a JSON object with a "command"'}
         return self.handler(req)

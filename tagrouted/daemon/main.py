@@ -19,6 +19,10 @@ import fcntl
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..kernel.rundir import RunDir
 
 DEFAULT_RUN_DIR = "/run/tagrouted"
 LOCK_NAME = "tagrouted.lock"
@@ -38,9 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _lock_run_dir(run_dir: str) -> int | None:
+def _lock_run_dir(run_dir: RunDir) -> int | None:
     """An flock held for the process life: one daemon per run directory. None if taken."""
-    fd = os.open(os.path.join(run_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = run_dir.open_lock(LOCK_NAME)  # O_NOFOLLOW: a planted symlink never receives our pid
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -51,9 +55,9 @@ def _lock_run_dir(run_dir: str) -> int | None:
     return fd
 
 
-def _holder(run_dir: str) -> str:
-    with contextlib.suppress(OSError, ValueError), open(os.path.join(run_dir, LOCK_NAME)) as f:
-        return f" (pid {int(f.read().strip())})"
+def _holder(run_dir: RunDir) -> str:
+    with contextlib.suppress(OSError, ValueError):
+        return f" (pid {int((run_dir.read(LOCK_NAME, 64) or b'').strip())})"
     return ""
 
 
@@ -86,14 +90,19 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s is invalid: nothing applied", args.config)
         return 1
     run_dir = os.path.abspath(args.run_dir)
+    from ..kernel.rundir import RunDir, RunDirError
+
     try:
-        os.makedirs(run_dir, mode=0o700, exist_ok=True)
+        checked = RunDir(run_dir)  # root's, 0700, no symlinks: else nothing is applied
+        lock_fd = _lock_run_dir(checked)
+    except RunDirError as e:
+        log.error("run directory refused: %s", e)
+        return 1
     except OSError as e:
         log.error("cannot create the run directory %s: %s", run_dir, e.strerror)
         return 1
-    lock_fd = _lock_run_dir(run_dir)
     if lock_fd is None:
-        log.error("another tagrouted runs with the run directory %s%s", run_dir, _holder(run_dir))
+        log.error("another tagrouted runs with the run directory %s%s", run_dir, _holder(checked))
         return 1
 
     _cap_malloc_arenas()
@@ -137,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     code = daemon.stop() or code
     notifier.close()
     os.close(lock_fd)
+    checked.close()
     return code
 
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import __version__
-from ..core.config import Config, ConfigError, load_config
+from ..core.config import Config, ConfigError, load_config, read_config_bytes
 from ..core.state import ROUTE_PROTO, Change, DesiredState, HostFacts
 from ..kernel.converge import ALL_PARTS, FIREWALL, ROUTING, SYSCTLS, Converger, ConvergeResult
 from ..kernel.firewall import IPTABLES_LEGACY, NFTABLES, Choice, choose
@@ -397,12 +397,12 @@ class Daemon:
                              "tagrouted's legacy rules")
 
     def _file_identity(self) -> tuple[str | None, tuple[int, ...] | None]:
-        """(sha256 of the config file's bytes, its stat signature); Nones if unreadable."""
+        """(sha256 of the config file's bytes, its stat signature); Nones if unreadable or not
+        a regular file (read without blocking: a FIFO there must not stall the worker)."""
         try:
             st = os.stat(self.config_path)
-            with open(self.config_path, "rb") as f:
-                data = f.read(2 << 20)
-        except OSError:
+            data = read_config_bytes(self.config_path)
+        except (OSError, ConfigError):
             return None, None
         return hashlib.sha256(data).hexdigest(), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 

@@ -9,6 +9,16 @@ transaction, or one libiptc commit per legacy table. On a full pass (start, relo
 backend's state is removed after ours is in place, so a switch of backend never leaves the host
 with neither. A step that fails does not stop the others: the result carries every change that
 did happen and every error, joined.
+
+What is ours (issue 16: sweeps once deleted wg-quick's and Tailscale's state):
+- rules: by brand, priority + fwmark + table, whatever their mask (an old full-mask rule of
+  ours is still recognised and replaced); the brands are the configured one and those the run
+  directory records. Any other fwmark rule pointing at our table is foreign, never deleted.
+- routing tables: a table is wholly ours once recorded in RUN_DIR/tables.json. Recording it
+  (adoption) is refused while it holds routes we did not make (proto != ROUTE_PROTO), with an
+  error naming them; after that its whole content is ours. Elsewhere, routes of ROUTE_PROTO only.
+- with nothing recorded and no config (`down` on a fresh host), only brand-exact objects of the
+  default tag go.
 Threading: one Converger per process, used from one thread (the reconcile worker or the CLI).
 """
 
@@ -16,17 +26,25 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..core.config import Config, Tag
-from ..core.desired import desired_state, empty_state
-from ..core.plan import route_key, route_line, rule_line
-from ..core.state import Change, DesiredState, FirewallIntent, HostFacts, Sysctl
+from ..core.config import RESERVED_TABLES, Config, Tag
+from ..core.desired import desired_state, empty_state, forwarded_families
+from ..core.plan import route_key, route_line, rule_line, sysctl_line
+from ..core.state import (
+    ROUTE_PROTO,
+    Change,
+    DesiredState,
+    FirewallIntent,
+    HostFacts,
+    PolicyRule,
+    Sysctl,
+)
 from . import conntrack
 from .firewall import BACKENDS, BackendUnavailable, FirewallBackend, choose, open_backend
 from .netlink import NetlinkAdapter
+from .rundir import RunDir, RunDirError
 from .sysctl import SavedSysctls, read_sysctl, write_sysctl
 
 ROUTING = "routing"    # policy rules and routes: netlink announces every change to them
@@ -53,9 +71,13 @@ class Converger:
     """Owns the kernel adapters of one host (one netlink socket, the saved sysctls)."""
 
     def __init__(self, run_dir: str) -> None:
+        self.run_dir = RunDir(run_dir)  # RunDirError when it is not ours: nothing is touched
         self.netlink = NetlinkAdapter()
-        self.saved = SavedSysctls(run_dir)
-        self.tables = RoutingTables(run_dir)
+        self.saved = SavedSysctls(self.run_dir)
+        self.record = RoutingRecord(self.run_dir)
+        # This pass's view of what is ours (set by _adopt): whole tables and rule brands.
+        self._tables: frozenset[int] = frozenset()
+        self._brands: frozenset[Brand] = frozenset()
         self._backends: dict[str, FirewallBackend] = {}
         # desired_state is pure: the same config object and equal facts give the same state,
         # and compiling 1000 services costs ~25 ms of every periodic pass (bench_scale)
@@ -66,6 +88,7 @@ class Converger:
         for backend in self._backends.values():
             backend.close()
         self._backends.clear()
+        self.run_dir.close()
 
     def backend(self, name: str) -> FirewallBackend:
         """The backend object for `name`, opened once (BackendUnavailable if it cannot be)."""
@@ -81,7 +104,7 @@ class Converger:
 
     # ---- the entry point -----------------------------------------------------------------
     def desired(self, config: Config | None, tag: Tag) -> tuple[DesiredState, HostFacts]:
-        facts = self.netlink.host_facts()
+        facts = self.netlink.host_facts(ipv6_defaults=config is not None and 6 in forwarded_families(config))
         if config is None:
             return empty_state(tag), facts
         last = self._last_compiled
@@ -102,37 +125,79 @@ class Converger:
         firewall pass; a timer pass need not re-dump the rules and routes netlink reports
         changes of. `sweep_other_backend` (default: on full passes) removes what the backend not
         in use holds, after ours is in place."""
-        desired, facts = self.desired(config, tag or (config.tag if config else Tag()))
+        tag = tag or (config.tag if config else Tag())
+        desired, facts = self.desired(config, tag)
         result = ConvergeResult(desired, facts, notes=list(desired.notes))
         if config is not None:
             result.backend = choose(config.firewall.backend).backend
         if sweep_other_backend is None:
             sweep_other_backend = parts >= ALL_PARTS
+        brand = Brand(tag.priority, tag.mark, tag.table)
         steps: list[tuple[str, str, Callable[[ConvergeResult, bool], None]]] = [
+            (ROUTING, "routing tables", lambda r, d: self._adopt(r, d, brand)),
             (ROUTING, "policy rules", self._rules),
             (ROUTING, "routes", self._routes),
             (SYSCTLS, "sysctls", self._sysctls),
             (FIREWALL, result.backend or "firewall", self._firewall),
         ]
+        routing_refused = False
         for part, name, step in steps:
-            if part not in parts:
+            if part not in parts or (part == ROUTING and routing_refused):
                 continue
             try:
                 step(result, dry_run)
             except Exception as e:  # one failing step must not stop the others
-                result.errors.append(f"{name}: {type(e).__name__}: {e}")
+                result.errors.append(f"{name}: {type(e).__name__}: {e}" if not isinstance(e, Refused)
+                                     else f"{name}: {e}")
+                # without knowing what is ours, no rule or route is touched
+                routing_refused = routing_refused or name == "routing tables"
         if FIREWALL in parts and sweep_other_backend and result.ok:
             self._sweep_other_backends(result, dry_run)
         if ROUTING in parts and result.ok and not dry_run:
-            self.tables.keep_only(desired.table)  # earlier tables are empty now
+            # earlier tables and brands were swept in this pass: only the current ones stay ours
+            uses = _uses_table(desired, brand.table)
+            self.record.write(frozenset({brand.table}) if uses else frozenset(),
+                              frozenset({brand}) if desired.rules else frozenset())
         return result
 
     # ---- steps ---------------------------------------------------------------------------
+    def _adopt(self, result: ConvergeResult, dry_run: bool, brand: Brand) -> None:
+        """Decide what is ours this pass; record table T before we first write into it."""
+        tables, brands = self.record.read()
+        desired = result.desired
+        if _uses_table(desired, brand.table) and brand.table not in tables:
+            foreign = sorted((r for r in self.netlink.read_routes({brand.table})
+                              if r.table == brand.table and r.proto != ROUTE_PROTO), key=route_key)
+            if foreign:
+                raise Refused(
+                    f"table {brand.table} holds routes tagrouted did not make: "
+                    + "; ".join(f"{r.describe()}{' (IPv6)' if r.family == 6 else ''}" for r in foreign[:5])
+                    + (f" (+{len(foreign) - 5} more)" if len(foreign) > 5 else "")
+                    + f". Another program uses table {brand.table}: pick another tag.table, or remove "
+                      "those routes if they are stale, so tagrouted can own the table")
+            tables = tables | {brand.table}
+            if desired.rules:
+                brands = brands | {brand}
+            if not dry_run:
+                self.record.write(tables, brands)  # recorded before we write into it
+        elif desired.rules and brand not in brands:
+            brands = brands | {brand}
+            if not dry_run:
+                self.record.write(tables, brands)
+        self._tables = frozenset(tables)
+        self._brands = frozenset(brands | {brand})
+
+    def _kernel_rules(self) -> frozenset[PolicyRule]:
+        """Our rules in the kernel: those of our brands, whatever their mask."""
+        by_table: dict[int, set[tuple[int, int]]] = {}
+        for b in self._brands:
+            by_table.setdefault(b.table, set()).add((b.priority, b.mark))
+        return frozenset(r for table, marks in by_table.items() for r in self.netlink.read_rules(table)
+                         if (r.priority, r.fwmark) in marks)
+
     def _rules(self, result: ConvergeResult, dry_run: bool) -> None:
         desired = result.desired
-        if not dry_run:
-            self.tables.add(desired.table)  # recorded before we write into it
-        kernel = frozenset().union(*(self.netlink.read_rules(t) for t in self.tables.owned(desired.table)))
+        kernel = self._kernel_rules()
         for rule in sorted(desired.rules - kernel):
             if not dry_run:
                 self.netlink.add_rule(rule)
@@ -144,7 +209,7 @@ class Converger:
 
     def _routes(self, result: ConvergeResult, dry_run: bool) -> None:
         desired = result.desired
-        kernel = frozenset().union(*(self.netlink.read_routes(t) for t in self.tables.owned(desired.table)))
+        kernel = self.netlink.read_routes(self._tables)
         errors: list[str] = []
         for route in sorted(desired.routes - kernel, key=route_key):
             try:
@@ -240,37 +305,90 @@ def _change(action: str, obj: str, what: str, family: int) -> Change:
     return Change(action, obj, f"{action} {obj} {what}{suffix}")  # type: ignore[arg-type]
 
 
-class RoutingTables:
-    """The routing tables T we have written into, kept in RUN_DIR/tables.json, so a tag.table
-    changed by a reload or while we were stopped is still swept (its rules and routes are ours)."""
+class Refused(Exception):
+    """A step that must not act (its message is the whole story, no exception type)."""
 
-    def __init__(self, run_dir: str) -> None:
-        self.path = os.path.join(run_dir, "tables.json")
 
-    def _read(self) -> set[int]:
+@dataclass(frozen=True, order=True)
+class Brand:
+    """What makes an `ip rule` ours: priority + fwmark + table, whatever its mask."""
+
+    priority: int
+    mark: int
+    table: int
+
+
+def _uses_table(desired: DesiredState, table: int) -> bool:
+    return bool(desired.rules) or any(r.table == table for r in desired.routes)
+
+
+RECORD_FILE = "tables.json"
+MAX_RECORD_BYTES = 64 * 1024
+
+
+def _record_int(value: object, low: int, high: int, what: str, refused: dict[int, str]) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{what} {value!r} is not in {low}..{high}")
+    if value in refused:
+        raise ValueError(f"{what} {value} is the kernel's {refused[value]}")
+    return value
+
+
+class RoutingRecord:
+    """RUN_DIR/tables.json: the routing tables wholly ours (adopted) and the rule brands we
+    wrote, so a tag changed by a reload or while we were stopped is still swept, and nothing
+    else ever is. `{"tables": [42], "rules": [{"priority": 1042, "mark": 42, "table": 42}]}`;
+    the list `[42]` of earlier versions reads as tables without brands.
+
+    What is read back is checked whole: table ids in 1..2^32-1 and not 0/253/254/255,
+    priorities 1..32765, marks 1..2^32-1; anything else is refused with an error naming the
+    file, and no rule or route is touched (a planted [254] once deleted the main table)."""
+
+    def __init__(self, run_dir: RunDir) -> None:
+        self.run_dir = run_dir
+        self.path = run_dir.file(RECORD_FILE)
+
+    def read(self) -> tuple[frozenset[int], frozenset[Brand]]:
         try:
-            with open(self.path) as f:
-                return {int(t) for t in json.load(f)}
-        except (OSError, ValueError, TypeError):
-            return set()
+            raw = self.run_dir.read(RECORD_FILE, MAX_RECORD_BYTES)
+        except RunDirError as e:
+            raise Refused(f"{e}: no rule or route is touched until it is removed") from None
+        if raw is None:
+            return frozenset(), frozenset()
+        try:
+            return self._parse(json.loads(raw))
+        except (ValueError, TypeError, KeyError, RecursionError) as e:
+            raise Refused(f"{self.path} is not a record tagrouted wrote ({e}): no rule or route is "
+                          "touched until it is removed (check table and rule by hand first)") from None
 
-    def _write(self, tables: set[int]) -> None:
-        tmp = f"{self.path}.tmp"
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            json.dump(sorted(tables), f)
-        os.replace(tmp, self.path)
+    @staticmethod
+    def _parse(data: object) -> tuple[frozenset[int], frozenset[Brand]]:
+        if isinstance(data, list):
+            data = {"tables": data, "rules": []}
+        if not isinstance(data, dict) or set(data) != {"tables", "rules"}:
+            raise ValueError('expected {"tables": [...], "rules": [...]}')
+        tables, rules = data["tables"], data["rules"]
+        if not isinstance(tables, list) or not isinstance(rules, list) or len(tables) + len(rules) > 1000:
+            raise ValueError("tables and rules must be short lists")
+        out_tables = frozenset(_record_int(t, 1, 0xFFFFFFFF, "table", RESERVED_TABLES) for t in tables)
+        brands: set[Brand] = set()
+        for rule in rules:
+            if not isinstance(rule, dict) or set(rule) != {"priority", "mark", "table"}:
+                raise ValueError("a rule is {priority, mark, table}")
+            brands.add(Brand(_record_int(rule["priority"], 1, 32765, "priority", {}),
+                             _record_int(rule["mark"], 1, 0xFFFFFFFF, "mark", {}),
+                             _record_int(rule["table"], 1, 0xFFFFFFFF, "table", RESERVED_TABLES)))
+        return out_tables, frozenset(brands)
 
-    def owned(self, table: int) -> list[int]:
-        return sorted(self._read() | {table})
-
-    def add(self, table: int) -> None:
-        tables = self._read()
-        if table not in tables:
-            self._write(tables | {table})
-
-    def keep_only(self, table: int) -> None:
-        if self._read() != {table}:
-            self._write({table})
+    def write(self, tables: frozenset[int], brands: frozenset[Brand]) -> None:
+        try:
+            if self.read() == (tables, brands):
+                return
+        except Refused:
+            pass  # never reached with a bad record: _adopt refuses before any write
+        data = {"tables": sorted(tables),
+                "rules": [{"priority": b.priority, "mark": b.mark, "table": b.table} for b in sorted(brands)]}
+        self.run_dir.write(RECORD_FILE, (json.dumps(data, sort_keys=True) + "\n").encode())
 
 
 def _fam(family: int) -> str:
@@ -279,19 +397,23 @@ def _fam(family: int) -> str:
 
 def drift_lines(converger: Converger, config: Config) -> list[str]:
     """`tagroutectl diff`: +/- lines of what the kernel lacks (+) or has in excess (-)."""
-    desired, _ = converger.desired(config, config.tag)
+    desired, facts = converger.desired(config, config.tag)
+    tag = config.tag
     lines: list[str] = []
-    tables = converger.tables.owned(desired.table)
-    kernel_rules = frozenset().union(*(converger.netlink.read_rules(t) for t in tables))
+    try:
+        converger._adopt(ConvergeResult(desired, facts), True, Brand(tag.priority, tag.mark, tag.table))
+    except Refused as e:
+        return [f"!{e}"]
+    kernel_rules = converger._kernel_rules()
     lines += [f"+{rule_line(r)}" for r in sorted(desired.rules - kernel_rules)]
     lines += [f"-{rule_line(r)}" for r in sorted(kernel_rules - desired.rules)]
-    kernel_routes = frozenset().union(*(converger.netlink.read_routes(t) for t in tables))
+    kernel_routes = converger.netlink.read_routes(converger._tables)
     lines += [f"+{route_line(r)}" for r in sorted(desired.routes - kernel_routes, key=route_key)]
     lines += [f"-{route_line(r)}" for r in sorted(kernel_routes - desired.routes, key=route_key)]
     for s in desired.sysctls:
         current = read_sysctl(s.key)
         if current is not None and current != s.value:
-            lines += [f"-sysctl -w {Sysctl(s.key, current).describe()}", f"+sysctl -w {s.describe()}"]
+            lines += [f"-{sysctl_line(Sysctl(s.key, current))}", f"+{sysctl_line(s)}"]
     chosen = choose(config.firewall.backend).backend
     lines += converger.backend(chosen).drift_lines(desired.firewall)
     for name in BACKENDS:

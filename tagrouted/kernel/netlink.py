@@ -1,8 +1,9 @@
 """The routing adapter: reads and writes routes, policy rules and link facts over rtnetlink.
 
-Owns: every route in table T (both families), routes anywhere that carry our protocol number
-ROUTE_PROTO, and the `ip rule`s that select by fwmark and look up table T. Never touches any
-other route or rule, never decides what should exist (that is desired.py); it reads what is
+Reads every route of the tables it is asked about (the ones the run directory records as ours),
+routes anywhere that carry our protocol number ROUTE_PROTO, and the `ip rule`s that select by
+fwmark and look up a given table (which of those are ours, by priority + fwmark + table, the
+converger decides). Never decides what should exist (that is desired.py); it reads what is
 there as `state` values and adds/deletes exactly the values it is handed.
 
 Threading: one pyroute2 IPRoute socket per adapter, used from one thread (the reconcile
@@ -38,6 +39,7 @@ import errno
 import ipaddress
 import os
 import socket
+from collections.abc import Collection
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -46,6 +48,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from ..core.state import ROUTE_PROTO, Family, HostFacts, LinkFacts, PolicyRule, Route
 
 RTPROT_KERNEL = 2
+MAIN_TABLE = 254
 RTM_F_CLONED = 0x200
 RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_LINK = 253
@@ -140,7 +143,9 @@ class NetlinkAdapter:
         self.close()
 
     # ---- facts -----------------------------------------------------------------------------
-    def host_facts(self) -> HostFacts:
+    def host_facts(self, ipv6_defaults: bool = False) -> HostFacts:
+        """Links, all.rp_filter, and with `ipv6_defaults` the devices of the main table's IPv6
+        default routes (one more route dump, so only when IPv6 forwarding is wanted)."""
         links = []
         for msg in self._ipr.link("dump"):
             name = msg.get_attr("IFLA_IFNAME")
@@ -150,11 +155,29 @@ class NetlinkAdapter:
             links.append(LinkFacts(name, msg["index"], bool(msg["flags"] & IFF_UP), accept_ra))
         links.sort(key=lambda link: link.index)
         rp_all = _read_int("/proc/sys/net/ipv4/conf/all/rp_filter")
-        return HostFacts(links=tuple(links), rp_filter_all=rp_all or 0)
+        devs = self._ipv6_default_devs() if ipv6_defaults else ()
+        return HostFacts(links=tuple(links), rp_filter_all=rp_all or 0, ipv6_default_devs=devs)
+
+    def _ipv6_default_devs(self) -> tuple[str, ...]:
+        names = _IndexNames()
+        devs: set[str] = set()
+        try:
+            msgs = list(self._ipr.route("dump", family=socket.AF_INET6))
+        except NetlinkError as e:
+            raise _failure("dump IPv6 routes", e) from e
+        for msg in msgs:
+            table = msg.get_attr("RTA_TABLE") or msg["table"]
+            if msg["dst_len"] or table != MAIN_TABLE or msg["flags"] & RTM_F_CLONED or msg["type"] != 1:
+                continue
+            oifs = [msg.get_attr("RTA_OIF")]
+            oifs += [nh.get("oif") for nh in msg.get_attr("RTA_MULTIPATH") or ()]
+            devs.update(name for name in map(names, filter(None, oifs)) if name)
+        return tuple(sorted(devs))
 
     # ---- routes ----------------------------------------------------------------------------
-    def read_routes(self, table: int) -> frozenset[Route]:
-        """Every route in `table` (both families), plus our branded routes in any table."""
+    def read_routes(self, tables: int | Collection[int]) -> frozenset[Route]:
+        """Every route in `tables` (both families), plus our branded routes in any table."""
+        tables = {tables} if isinstance(tables, int) else set(tables)
         names = _IndexNames()
         out: set[Route] = set()
         for family in (4, 6):
@@ -164,7 +187,7 @@ class NetlinkAdapter:
                 raise _failure(f"dump IPv{family} routes", e) from e
             for msg in msgs:
                 route = route_from_msg(msg, family, names)
-                if route is not None and (route.table == table or route.proto == ROUTE_PROTO):
+                if route is not None and (route.table in tables or route.proto == ROUTE_PROTO):
                     out.add(route)
         return frozenset(out)
 
@@ -174,7 +197,7 @@ class NetlinkAdapter:
             self._ipr.route("add", **self._route_request(route, delete=False))
         except NetlinkError as e:
             if e.code == errno.EEXIST:
-                if route in self.read_routes(route.table):
+                if route in self.read_routes({route.table}):
                     return  # already there, identical: adding twice is not an error
                 raise NetlinkFailed(
                     f"add route {route.describe()}: another route with the same destination "

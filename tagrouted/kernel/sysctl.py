@@ -8,13 +8,17 @@ Keys are dotted as sysctl(8) prints them, with interface names verbatim: an inte
 itself contain dots ("eth0.100"), so `key_to_path` knows the per-interface subtrees
 (net.ipv4.conf, net.ipv6.conf, net.ipv4.neigh, net.ipv6.neigh) and keeps everything between
 the subtree and the last component as the interface name: net.ipv4.conf.eth0.100.rp_filter ->
-/proc/sys/net/ipv4/conf/eth0.100/rp_filter. (sysctl(8) itself would want "eth0/100" there.)
+/proc/sys/net/ipv4/conf/eth0.100/rp_filter. (sysctl(8) itself wants "eth0/100" there: what we
+print for a person goes through plan.sysctl_cli_key.)
 Build such keys with `conf_key`. Other keys map every dot to a slash.
 
 Traps: /proc/sys/net is the network namespace of the calling thread, so these functions act on
-the namespace the process runs in. Writes to the originals file are atomic (temp file, fsync,
-rename, fsync of the directory) and serialised by an flock, since the daemon and a concurrent
-`tagroutectl apply/down` may both record.
+the namespace the process runs in. Writes to the originals file go through rundir.RunDir
+(O_NOFOLLOW, O_EXCL temp file, fsync, rename, fsync of the directory) and are serialised by an
+flock, since the daemon and a concurrent `tagroutectl apply/down` may both record. What is read
+back is checked: only keys of the kinds we write (ip_forward, all.forwarding, <if>.rp_filter,
+<if>.accept_ra), for valid interface names, with values those sysctls take; anything else
+refuses the whole file (a planted `disable_ipv6=1` was once "restored").
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..core.config import interface_name_problem
+from ..core.plan import PER_INTERFACE
+from .rundir import RunDir
+
 PROC_SYS = Path("/proc/sys")
 ORIGINALS_FILE = "sysctl-originals.json"
 LOCK_FILE = "sysctl-originals.lock"
-# Subtrees whose next component is an interface name (which may contain dots).
-PER_INTERFACE = ("net.ipv4.conf.", "net.ipv6.conf.", "net.ipv4.neigh.", "net.ipv6.neigh.")
+MAX_ORIGINALS_BYTES = 256 * 1024
 
 
 def conf_key(family: int, ifname: str, leaf: str) -> str:
@@ -76,13 +83,40 @@ def write_sysctl(key: str, value: str) -> None:
         raise OSError(e.errno, f"cannot set {key}={value}: {e.strerror}", str(path)) from e
 
 
+# What the originals record may hold: the kinds of sysctl tagrouted writes, each with the values
+# the kernel gives it. A planted `disable_ipv6=1` (or any other key) is refused, never "restored".
+_GLOBAL_ORIGINALS = {"net.ipv4.ip_forward": ("0", "1"), "net.ipv6.conf.all.forwarding": ("0", "1")}
+_PER_INTERFACE_ORIGINALS = {("net.ipv4.conf.", "rp_filter"): ("0", "1", "2"),
+                            ("net.ipv6.conf.", "accept_ra"): ("0", "1", "2")}
+
+
+def original_problem(key: str, value: str) -> str | None:
+    """Why (key, value) is not an original tagrouted could have saved; None when it is."""
+    allowed = _GLOBAL_ORIGINALS.get(key)
+    if allowed is None:
+        for (prefix, leaf), values in _PER_INTERFACE_ORIGINALS.items():
+            name, sep, last = key.removeprefix(prefix).rpartition(".")
+            if key.startswith(prefix) and sep and last == leaf:
+                why = interface_name_problem(name)
+                if why:
+                    return f"{key!r}: the interface name {name!r} {why}"
+                allowed = values
+                break
+    if allowed is None:
+        return f"{key!r} is not a sysctl tagrouted changes"
+    if value not in allowed:
+        return f"{key!r}: {value!r} is not a value it takes ({', '.join(allowed)})"
+    return None
+
+
 class SavedSysctls:
     """Original values of sysctls we changed, kept in RUN_DIR/sysctl-originals.json (survives
-    restart; down restores). The file is the record: every call re-reads it."""
+    restart; down restores). The file is the record: every call re-reads it, and refuses it
+    whole when it holds anything tagrouted would not have written."""
 
-    def __init__(self, run_dir: str | Path) -> None:
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / ORIGINALS_FILE
+    def __init__(self, run_dir: RunDir | str | Path) -> None:
+        self.run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(str(run_dir))
+        self.path = Path(self.run_dir.file(ORIGINALS_FILE))
 
     def remember(self, key: str, original: str) -> None:
         """Record `original` for `key` unless a value is already recorded: the first wins."""
@@ -106,8 +140,7 @@ class SavedSysctls:
     # ---- file handling ---------------------------------------------------------------------
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = self.run_dir.open_lock(LOCK_FILE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -115,32 +148,23 @@ class SavedSysctls:
             os.close(fd)
 
     def _load(self) -> dict[str, str]:
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
+        raw = self.run_dir.read(ORIGINALS_FILE, MAX_ORIGINALS_BYTES)
+        if raw is None:
             return {}
         try:
-            data = json.loads(text)
-        except ValueError as e:
+            data = json.loads(raw)
+        except (ValueError, RecursionError) as e:
             raise ValueError(f"{self.path}: not the JSON tagrouted writes ({e}); "
                              "the original sysctl values in it cannot be trusted") from e
         if not isinstance(data, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
             raise ValueError(f"{self.path}: expected an object of sysctl key -> original value")
+        for key, value in data.items():
+            why = original_problem(key, value)
+            if why:
+                raise ValueError(f"{self.path}: {why}: not a record tagrouted wrote, so none of it is "
+                                 "restored; check the values by hand and remove the file")
         return data
 
     def _store(self, saved: dict[str, str]) -> None:
-        tmp = self.path.with_name(f".{ORIGINALS_FILE}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.fchmod(fd, 0o600)  # also when a stale temp file had other bits
-            os.write(fd, (json.dumps(saved, indent=1, sort_keys=True) + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)  # the rename itself survives a crash
-        finally:
-            os.close(dir_fd)
+        self.run_dir.write(ORIGINALS_FILE, (json.dumps(saved, indent=1, sort_keys=True) + "\n").encode())

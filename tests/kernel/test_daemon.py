@@ -538,7 +538,7 @@ def test_control_socket_refuses_garbage_strangers_and_huge_lines(host: Host) -> 
 
 @one_backend
 def test_tagroutectl_without_a_daemon_exits_3(host: Host) -> None:
-    host.run_dir.mkdir()
+    host.run_dir.mkdir(mode=0o700)
     d = DaemonProc(host.ns, host.config, host.run_dir, notify=False)
     for cmd in ("status", "reload"):
         res = d.ctl(cmd)

@@ -64,7 +64,7 @@ class Host:
 def host(module_netns: Namespaces, request: pytest.FixtureRequest) -> Iterator[Host]:
     backend = str(request.param)
     # Under /tmp (not pytest's 0700 tree): the non-root client must be able to reach the socket
-    # for the socket's own mode and the daemon's peer check to be what refuses it.
+    # for the socket's own mode and the daemon's peer check to be what refuses it (as_nobody).
     base = Path(tempfile.mkdtemp(prefix="tgr-hostile-", dir="/tmp"))
     os.chmod(base, 0o711)
     tag = "nft" if backend == "nftables" else "ipt"
@@ -81,7 +81,6 @@ def host(module_netns: Namespaces, request: pytest.FixtureRequest) -> Iterator[H
     d.start()
     try:
         d.wait_ready()
-        os.chmod(run_dir, 0o711)
         yield Host(ns, d, config, run_dir, snapshot(ns), config.read_text())
     finally:
         d.close()
@@ -195,6 +194,7 @@ SOCKET_CASES: dict[str, tuple[bytes, bool]] = {
     "unknown-command": (b'{"command": "rm -rf /"}\n', True),
     "ten-megabyte-line": (b"a" * (10 << 20) + b"\n", False),  # a reply or a closed connection
     "half-a-line-then-eof": (b'{"command": "sta', False),
+    "nested-60000-deep": (b"[" * 60_000 + b"\n", True),  # once a RecursionError and no reply
 }
 
 
@@ -238,7 +238,18 @@ def test_many_idle_connections_then_a_request(host: Host) -> None:
 
 
 def as_nobody(path: str) -> str:
-    """Connect as uid/gid 65534 from a forked child; what happened, as one line."""
+    """Connect as uid/gid 65534 from a forked child; what happened, as one line. The run
+    directory is opened to others (0711) meanwhile, so that the socket's own mode and the
+    daemon's peer check are what refuse; tagroutectl refuses such a run directory."""
+    run_dir = os.path.dirname(path)
+    os.chmod(run_dir, 0o711)
+    try:
+        return _as_nobody(path)
+    finally:
+        os.chmod(run_dir, 0o700)
+
+
+def _as_nobody(path: str) -> str:
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: drop to nobody, then talk

@@ -107,7 +107,7 @@ def test_defaults() -> None:
 def test_normalisation() -> None:
     config = parse_config(
         "roles: [service, vpn-client]\n"
-        "tag: {dscp: 10, mark: 0x100, table: 100, priority: 32765}\n"
+        "tag: {dscp: 11, mark: 0x100, table: 100, priority: 32764}\n"
         "services:\n"
         "  - {name: games, proto: udp, port: \"27015-27020\", address: 192.168.100.4}\n"
         "  - {name: ssh, proto: tcp, port: 2222, to_port: 22, address: \"fd00:100::4\"}\n"
@@ -120,7 +120,7 @@ def test_normalisation() -> None:
     )
     assert config.roles == ("service", "vpn-client")
     # a mark beyond the default mask (0xff) keeps owning the whole mark, as before masks existed
-    assert config.tag == Tag(dscp=10, mark=256, table=100, priority=32765, mark_mask=0xFFFFFFFF)
+    assert config.tag == Tag(dscp=11, mark=256, table=100, priority=32764, mark_mask=0xFFFFFFFF)
     assert config.services[0].port == PortRange(27015, 27020)
     assert config.services[1].home_port == PortRange(22, 22) and config.services[1].family == 6
     assert config.services[2].port == PortRange(8080, 8080)
@@ -331,7 +331,7 @@ BROKEN: list[tuple[str, str, list[tuple[int, str, str]]]] = [
     ("dscp-64", tag("dscp: 64"), [(3, "tag.dscp", "64 is out of range 1..63")]),
     ("mark-0", tag("mark: 0"), [(3, "tag.mark", "out of range")]),
     ("priority-0", tag("priority: 0"), [(3, "tag.priority", "kernel's own rules")]),
-    ("priority-32766", tag("priority: 32766"), [(3, "tag.priority", "kernel's own rules")]),
+    ("priority-32766", tag("priority: 32766"), [(3, "tag.priority", "kernel's own rule (lookup main)")]),
     ("tag-unknown", tag("fwmark: 42"), [(3, "tag.fwmark", "did you mean mark")]),
     # other scalars
     ("rp-filter-strict", "roles: [vpn-client]\nvpn_client: {tunnel_interface: tun0, lan_interface: eth0, "
@@ -348,8 +348,9 @@ BROKEN: list[tuple[str, str, list[tuple[int, str, str]]]] = [
     ("families-twice", vs().replace("eth0}", "eth0, families: [ipv4, 4]}"),
      [(2, "vpn_server.families[1]", "listed twice")]),
     ("families-float", vs().replace("eth0}", "eth0, families: [4.0]}"), [(2, "vpn_server.families[0]", "number")]),
-    ("interval-huge", vs("resync_interval: " + "9" * 400 + "\n"), [(3, "resync_interval", "at most 3600")]),
-    ("int-too-many-digits", tag("dscp: " + "9" * 5000), [(3, "tag.dscp", "malformed int")]),
+    ("interval-huge", vs("resync_interval: " + "9" * 400 + "\n"), [(3, "resync_interval", "more than 64 characters")]),
+    ("interval-huge-short", vs("resync_interval: " + "9" * 60 + "\n"), [(3, "resync_interval", "at most 3600")]),
+    ("int-too-many-digits", tag("dscp: " + "9" * 5000), [(3, "tag.dscp", "more than 64 characters")]),
     ("families-empty", vs().replace("eth0}", "eth0, families: []}"), [(2, "vpn_server.families", "at least one")]),
     # roles and sections
     ("role-without-section", "roles: [vpn-server, vpn-client]\n"
@@ -386,6 +387,66 @@ BROKEN: list[tuple[str, str, list[tuple[int, str, str]]]] = [
     ("duplicate-service-names", gw(SVC).replace("services:\n", "services:\n  - {name: web, proto: tcp, "
                                                               "port: 80, address: 192.168.100.3}\n"),
      [(4, "services[1].name", "duplicate name")]),
+    # values another program re-reads with another meaning (issue 16)
+    ("ifname-bang", gw(SVC).replace("public_interface: eth0", "public_interface: \"!eth0\""),
+     [(5, "gateway.public_interface", "reads a leading '!' as 'not'")]),
+    ("ifname-plus-wildcard", vs(tunnel="tun+"), [(2, "vpn_server.tunnel_interface", "'+' as a wildcard")]),
+    ("ifname-star", vs(tunnel="\"tun*\""), [(2, "vpn_server.tunnel_interface", "wildcard")]),
+    ("ifname-utf8", vs(tunnel="tunà"), [(2, "vpn_server.tunnel_interface", "not ASCII")]),
+    ("ifname-utf8-7-letters", vs(tunnel="ééééééé"), [(2, "vpn_server.tunnel_interface", "not ASCII")]),
+    ("ifname-quote", vs(uplink="'eth0\"'"), [(2, "vpn_server.uplink_interface", "a quote ends the name")]),
+    ("ifname-single-quote", vs(uplink="\"eth'0\""), [(2, "vpn_server.uplink_interface", "a quote")]),
+    ("ifname-all", vs(uplink="all"), [(2, "vpn_server.uplink_interface", "reserved")]),
+    ("ifname-default", vs(uplink="default"), [(2, "vpn_server.uplink_interface", "reserved")]),
+    ("ifname-lo", vs(uplink="lo"), [(2, "vpn_server.uplink_interface", "loopback interface")]),
+    ("ifname-escape", vs(uplink="\"eth\\e[31m\""), [(2, "vpn_server.uplink_interface", "control character")]),
+    ("ifname-percent", vs(uplink="eth%d"), [(2, "vpn_server.uplink_interface", "number pattern")]),
+    ("ifname-comma", vs(uplink="\"eth0,eth1\""), [(2, "vpn_server.uplink_interface", "letters, digits")]),
+    ("int-hex-4300-digits", tag("mark: 0x" + "f" * 4300), [(3, "tag.mark", "more than 64 characters")]),
+    ("int-binary-long", tag("table: 0b" + "1" * 100), [(3, "tag.table", "more than 64 characters")]),
+    ("int-base60-long", tag("priority: " + ":".join(["59"] * 30)), [(3, "tag.priority", "more than 64 characters")]),
+    ("address-ipv4-mapped", gw(SVC).replace("192.168.200.2,", "\"::ffff:127.0.0.1\","),
+     [(8, "gateway.via[0]", "IPv4-mapped")]),
+    ("address-ipv4-compatible", gw("{name: web, proto: tcp, port: 443, address: \"::192.168.100.3\"}"),
+     [(3, "services[0].address", "IPv4-compatible")]),
+    ("address-this-network", gw("{name: web, proto: tcp, port: 443, address: 0.1.2.3}"),
+     [(3, "services[0].address", "0.0.0.0/8")]),
+    ("address-240", gw(SVC).replace("192.0.2.200,", "240.0.0.1,"),
+     [(6, "gateway.public_addresses[0]", "240.0.0.0/4")]),
+    ("address-v6-reserved", gw(SVC).replace("\"2001:db8:a::200\"", "\"::2:0:1\""),
+     [(6, "gateway.public_addresses[1]", "::/8")]),
+    ("address-link-local-service", gw("{name: web, proto: tcp, port: 443, address: 169.254.1.3}"),
+     [(3, "services[0].address", "link-local")]),
+    ("via-link-local", "roles: [service]\nservice: {via: [\"fe80::1\"]}\n",
+     [(2, "service.via[0]", "needs a device")]),
+    ("gateway-via-link-local", gw(SVC).replace("\"fd00:200::2\"", "\"fe80::2\""),
+     [(8, "gateway.via[1]", "needs a device")]),
+    ("home-covers-public", gw("{name: web, proto: tcp, port: 443, address: 192.0.2.3}").replace(
+        "192.168.100.0/24", "192.0.2.0/24"),
+     [(7, "gateway.home_networks[0]", "covers the public address 192.0.2.200")]),
+    ("home-halves-of-everything", gw(SVC).replace("[192.168.100.0/24,", "[0.0.0.0/1, 128.0.0.0/1, 192.168.100.0/24,"),
+     [(7, "gateway.home_networks[0]", "0.0.0.0/8"), (7, "gateway.home_networks[1]", "169.254.0.0/16")]),
+    ("home-loopback", gw(SVC).replace("[192.168.100.0/24,", "[192.168.100.0/24, 127.0.0.0/8,"),
+     [(7, "gateway.home_networks[1]", "loopback")]),
+    ("via-inside-home", gw(SVC).replace("[192.168.200.2,", "[192.168.100.1,"),
+     [(8, "gateway.via[0]", "inside the home network 192.168.100.0/24")]),
+    ("dscp-ef", tag("dscp: 46"), [(3, "tag.dscp", "EF (expedited forwarding: voice)")]),
+    ("dscp-af11", tag("dscp: 10"), [(3, "tag.dscp", "AF11")]),
+    ("dscp-cs6", tag("dscp: 48"), [(3, "tag.dscp", "CS6")]),
+    ("table-wg-quick", tag("table: 51820"), [(3, "tag.table", "wg-quick")]),
+    ("table-tailscale", tag("table: 52"), [(3, "tag.table", "Tailscale")]),
+    ("mark-wg-quick", tag("mark: 0xca6c"), [(3, "tag.mark", "wg-quick")]),
+    ("mark-tailscale-bits", tag("mark: 0x80000"), [(3, "tag.mark", "Tailscale")]),
+    ("priority-wg-quick", tag("priority: 32765"), [(3, "tag.priority", "wg-quick")]),
+    ("wg-quick-all-three", tag("table: 51820, mark: 0xca6c, priority: 32765"),
+     [(3, "tag.table", "wg-quick"), (3, "tag.mark", "wg-quick"), (3, "tag.priority", "wg-quick")]),
+    ("combined-vpn-client-service-via", "roles: [vpn-client, service]\n"
+                                        "vpn_client: {tunnel_interface: tun0, lan_interface: eth0}\n"
+                                        "service: {via: [192.168.100.2]}\n",
+     [(3, "service.via", "service: {tunnel_interface: tun0}")]),
+    ("home-networks-over-cap", gw(SVC).replace(
+        "[192.168.100.0/24,", "[192.168.100.0/24, " + ", ".join(f"10.{i}.0.0/16" for i in range(64)) + ","),
+     [(7, "gateway.home_networks", "more than the limit of 64")]),
     # limits
     ("deep-flow", vs("on_stop: " + "[" * 40 + "]" * 40 + "\n"), [(3, "yaml", "deeper than 32")]),
     ("deep-block", "".join(f"{'  ' * i}k{i}:\n" for i in range(40)), [(33, "yaml", "deeper than 32")]),
@@ -471,6 +532,58 @@ def test_cross_checks_see_the_valid_services_of_a_list_with_invalid_ones() -> No
         "services:\n", "services:\n  - {name: web6, proto: tcp, port: 443, address: \"fd00:100::3\"}\n",
     ).replace(", \"2001:db8:a::200\"", "")
     assert where(problems_of(text)) == [(3, "services[0].address"), (4, "services[1].port")]
+
+
+def test_the_default_tag_is_none_of_the_refused_values() -> None:
+    """DSCP 42 is no class in common use, and no default is another tool's table, mark or rule."""
+    assert 42 not in config_module.DSCP_IN_USE
+    assert config_module.DSCP_IN_USE.keys() >= {46, 10, 12, 14, 18, 20, 22, 26, 28, 30, 34, 36, 38,
+                                                8, 16, 24, 32, 40, 48, 56}
+    for key, value in vars(Tag()).items():
+        assert config_module._foreign_tag_value(key, value) is None, key
+    assert parse_config(tag("dscp: 42, mark: 42, table: 42, priority: 1042"), "t.yaml").tag == Tag()
+
+
+@pytest.mark.parametrize("key", ['"a\\nb"', '"x\\e[2J\\e[Hforged.yaml:1: roles: fine"', '"\\u2028y"'])
+def test_a_problem_is_one_line_whatever_its_key_holds(key: str) -> None:
+    problems = problems_of(vs(f"{key}: 1\n"), "t\nforged.yaml")
+    text = "\n".join(str(p) for p in problems)
+    assert len(text.splitlines()) == len(problems) == 1, text
+    assert "\x1b" not in text and "\u2028" not in text
+    assert text.startswith("t\\x0aforged.yaml:3: ")
+
+
+def test_each_overlapping_port_is_named_in_linear_time() -> None:
+    """10,000 services with one overlap: sort and sweep finds it (the pairwise search took 34 s)."""
+    lines = "".join(f"  - {{name: s{i}, proto: tcp, port: {1000 + i}, address: 192.168.100.3}}\n"
+                    for i in range(10_000))
+    lines += "  - {name: late, proto: tcp, port: 5000-5001, address: 192.168.100.3}\n"
+    text = f"roles: [gateway]\nservices:\n{lines}{GW_TAIL}"
+    problems = problems_of(text)
+    assert [(p.line, p.path) for p in problems] == [(10_003, "services[10000].port"), (10_003, "services[10000].port")]
+    assert "overlaps s4000 (services[4000], line 4003)" in problems[0].message
+    assert "overlaps s4001 (services[4001], line 4004)" in problems[1].message
+
+
+def test_what_a_config_expands_to_is_capped() -> None:
+    services = "".join(f"  - {{name: s{i}, proto: tcp, port: {1000 + i}, address: 192.168.100.3}}\n"
+                       for i in range(1000))
+    publics = ", ".join(f"192.0.2.{i}" for i in range(1, 25))
+    text = (f"roles: [gateway]\nservices:\n{services}gateway:\n  public_interface: eth0\n"
+            f"  public_addresses: [{publics}]\n  home_networks: [192.168.100.0/24]\n  via: [192.168.200.2]\n")
+    problems = problems_of(text)
+    assert where(problems) == [(1005, "gateway.public_addresses")]
+    assert "1000 services and forwards x 24 public addresses expand to 25001 firewall rules" in problems[0].message
+    assert "limit of 25000" in problems[0].message
+    fits = text.replace("  - {name: s999, proto: tcp, port: 1999, address: 192.168.100.3}\n", "")
+    assert len(parse_config(fits, "t.yaml").services) == 999
+
+
+def test_ten_thousand_public_addresses_are_checked() -> None:
+    publics = ", ".join(f"198.18.{i // 250}.{i % 250 + 1}" for i in range(10_000))
+    text = (f"roles: [gateway]\nservices:\n  - {SVC}\ngateway:\n  public_interface: eth0\n"
+            f"  public_addresses: [{publics}]\n  home_networks: [192.168.100.0/24]\n  via: [192.168.200.2]\n")
+    assert len(parse_config(text, "t.yaml").gateway.public_addresses) == 10_000  # type: ignore[union-attr]
 
 
 # --- bytes and files ----------------------------------------------------------------------

@@ -22,9 +22,9 @@ from tagrouted.core.config import (
     VpnServerSection,
     load_config,
 )
-from tagrouted.core.desired import assumed_facts, desired_state, empty_state
+from tagrouted.core.desired import assumed_facts, desired_state, empty_state, forwarded_families
 from tagrouted.core.iptables_rules import legacy_chains
-from tagrouted.core.plan import plan_lines
+from tagrouted.core.plan import plan_lines, sysctl_cli_key, sysctl_line
 from tagrouted.core.state import UNREACHABLE_METRIC, HostFacts, LinkFacts, PolicyRule, Route, Sysctl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -225,6 +225,34 @@ def test_ipv6_forwarding_keeps_router_advertisements() -> None:
     assert Sysctl("net.ipv6.conf.eth0.accept_ra", "2") in state.sysctls
     state = desired_state(config, facts("eth0", "tun0", accept_ra=0))
     assert not any("accept_ra" in s.key for s in state.sysctls)
+
+
+def test_accept_ra_2_only_on_the_default_route_and_named_links() -> None:
+    """A rogue RA on an unnamed LAN link must not become trusted (issue 16)."""
+    config = cfg("vpn-server", vpn_server=VpnServerSection("tun0", "eth0"))
+    links = replace(facts("eth0", "tun0", "lan1", "up0", accept_ra=1), ipv6_default_devs=("up0",))
+    keys = {s.key for s in desired_state(config, links).sysctls if "accept_ra" in s.key}
+    assert keys == {"net.ipv6.conf.eth0.accept_ra", "net.ipv6.conf.tun0.accept_ra",
+                    "net.ipv6.conf.up0.accept_ra"}
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_ipv6_default_routes_are_read_exactly_when_ipv6_is_forwarded(path: Path) -> None:
+    config = load_config(str(path))
+    state = desired_state(config, assumed_facts(config))
+    forwards6 = any(s.key == "net.ipv6.conf.all.forwarding" for s in state.sysctls)
+    assert (6 in forwarded_families(config)) == forwards6
+
+
+@pytest.mark.parametrize(("key", "cli"), [
+    ("net.ipv4.conf.tun0.100.rp_filter", "net.ipv4.conf.tun0/100.rp_filter"),
+    ("net.ipv6.conf.eth0.accept_ra", "net.ipv6.conf.eth0.accept_ra"),
+    ("net.ipv4.ip_forward", "net.ipv4.ip_forward"),
+    ("net.ipv6.conf.all.forwarding", "net.ipv6.conf.all.forwarding"),
+])
+def test_plan_prints_sysctl_keys_as_sysctl_8_reads_them(key: str, cli: str) -> None:
+    assert sysctl_cli_key(key) == cli
+    assert sysctl_line(Sysctl(key, "2")) == f"sysctl -w {cli}=2"
 
 
 def test_custom_tag_is_used_everywhere() -> None:

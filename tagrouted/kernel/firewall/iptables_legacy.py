@@ -1,7 +1,8 @@
 """The iptables adapter: our TAGROUTED-* chains and their jumps, one table of one family at a time,
 written through python-iptables' libiptc bindings into the LEGACY tables.
 
-Owns: chains named TAGROUTED-<BUILTIN> (CHAIN_PREFIX) in mangle/nat/filter of IPv4 and IPv6, and
+Owns: chains named exactly TAGROUTED-<BUILTIN> (CHAIN_PREFIX + the name of one of the table's
+built-in chains; never another TAGROUTED-* chain) in mangle/nat/filter of IPv4 and IPv6, and
 in each built-in chain the one rule `-m comment --comment tagrouted -j TAGROUTED-<BUILTIN>` at
 position 0. Any other rule that jumps to one of our chains is a stray reference to our brand: it
 is removed when the jump is put right or the chain goes. Never touches anything else: other
@@ -914,16 +915,23 @@ class _Observed:
     all_chains: list[str]
 
 
+def _owned_names(table: str) -> frozenset[str]:
+    """Exactly TAGROUTED-<BUILTIN> for this table's built-in chains: a user's TAGROUTED-CUSTOM
+    shares our prefix but is not ours (`down` once deleted it)."""
+    return frozenset(owned_chain_name(b) for b in BUILTIN_CHAINS.get(table, ()))
+
+
 def _observe(h: _Handle) -> _Observed:
     builtins = set(BUILTIN_CHAINS.get(h.table, ()))
+    owned = _owned_names(h.table)
     chains: dict[str, list[_KRule]] = {}
     refs: dict[str, list[tuple[int, _KRule]]] = {}
     names = h.chains()
     for name in names:
-        if name.startswith(CHAIN_PREFIX):
+        if name in owned:
             chains[name] = [r for _, r in h.rules(name)]
         elif name in builtins:
-            ours = frozenset(i for i, t in enumerate(h.targets(name)) if t.startswith(CHAIN_PREFIX))
+            ours = frozenset(i for i, t in enumerate(h.targets(name)) if t in owned)
             if ours:
                 refs[name] = h.rules(name, ours)
     return _Observed(chains, refs, names)
@@ -1066,8 +1074,9 @@ def _apply(h: _Handle, fam: _Family, desired: tuple[OwnedChain, ...], want: tupl
                 if r.target == chain.name:
                     deletions.setdefault(chain.builtin, set()).add(pos)
     if doomed:
+        owned = _owned_names(h.table)
         for name in obs.all_chains:
-            if name.startswith(CHAIN_PREFIX):
+            if name in owned:
                 continue  # ours: flushed or rewritten whole
             for pos, target in enumerate(h.targets(name)):
                 if target in doomed:
