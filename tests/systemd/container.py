@@ -40,9 +40,11 @@ CACHE = Path(os.environ.get("TAGROUTED_TEST_CACHE", "/var/cache/tagrouted-test")
 ROOTFS_VERSION = 1
 SUITE = "bookworm"
 # What the daemon needs inside: python3 + pip (to install the wheels), iproute2 and iptables (its
-# libiptc/libxtables, and the tools the test reads the state with), procps (kill, ps), systemd + dbus.
+# libiptc/libxtables, and the tools the test reads the state with), nftables and python3-nftables
+# (libnftables and its binding, for the default backend), procps (kill, ps), systemd + dbus.
 DEBIAN_PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "procps", "python3", "python3-pip", "iproute2", "iptables",
+    "nftables", "python3-nftables",
 )
 ROOTFS_STAMP = hashlib.sha1(
     f"{ROOTFS_VERSION} {SUITE} {' '.join(DEBIAN_PACKAGES)}".encode()

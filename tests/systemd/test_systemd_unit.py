@@ -5,7 +5,8 @@ see container.py) for the whole module; a wheel of this checkout, the unit file 
 packaging/systemd/ (unchanged), the vpn-client example config and the links it names (eth0 as
 a veth pair, tun0 as a tun device) are installed inside. The tests then run, in file order,
 what a user would type: systemctl start / reload / stop, journalctl, systemd-analyze security,
-and check the kernel state of the container with ip and iptables-legacy-save.
+and check the kernel state of the container with ip, nft and iptables-legacy-save. The module
+runs once per firewall backend (a container each).
 
 A drop-in (tagrouted.service.d/test.conf) adds only test switches: the fault switch that lets
 SIGUSR2 stop the watchdog pings, and a short WatchdogSec so the restart comes quickly.
@@ -32,6 +33,7 @@ from container import (
     ensure_wheelhouse,
     nspawn_unavailable_reason,
 )
+from firewall_view import BACKENDS, nft_ruleset, ours, with_backend
 from nslab import RUN_PREFIX, kernel_snapshot, wait_for
 
 pytestmark = pytest.mark.systemd
@@ -57,14 +59,19 @@ SYSCTLS = ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding", "net.ipv4.conf
 REPORT: dict[str, str] = {}  # numbers for the run's summary line (never asserted on)
 PRISTINE: dict[str, str] = {}  # the container's state before tagrouted first started
 FIRST_PID: list[str] = []  # the first daemon's PID, whose start records the last test checks
+CURRENT: dict[str, str] = {}  # the backend of the container the tests run against now
 
 
 # ---- the container --------------------------------------------------------------------------
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=BACKENDS)
 def ct(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
     reason = nspawn_unavailable_reason()
     if reason:
         pytest.skip(reason)
+    backend = str(request.param)
+    CURRENT["backend"] = backend
+    PRISTINE.clear()
+    FIRST_PID.clear()
     if not UNIT.exists():
         pytest.fail(f"{UNIT} is missing")
     t0 = time.monotonic()
@@ -76,11 +83,12 @@ def ct(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
     shutil.copytree(wheels, payload / "wheels", ignore=shutil.ignore_patterns(".complete"))
     build_project_wheel(REPO, payload / "wheels")
     shutil.copy(UNIT, payload / "tagrouted.service")
-    shutil.copy(EXAMPLE, payload / "tagrouted.yaml")
+    (payload / "tagrouted.yaml").write_text(with_backend(EXAMPLE.read_text(), backend))
     (payload / "test.conf").write_text(DROP_IN)
     REPORT["prepare"] = f"{time.monotonic() - t0:.1f}s"
 
-    container = Container(rootfs, payload, f"{RUN_PREFIX}-sd", payload.parent / "console.log")
+    tag = "nft" if backend == "nftables" else "ipt"
+    container = Container(rootfs, payload, f"{RUN_PREFIX}-sd-{tag}", payload.parent / "console.log")
     try:
         container.boot()
         REPORT["boot"] = f"{container.boot_seconds:.1f}s"
@@ -92,7 +100,7 @@ def ct(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
         if request.session.testsfailed > failed_before and container.leader:
             dump_journal(container)
         container.close()
-        REPORT["module"] = f"{time.monotonic() - t0:.0f}s"
+        REPORT[f"module ({backend})"] = f"{time.monotonic() - t0:.0f}s"
 
 
 def install(c: Container) -> None:
@@ -135,21 +143,28 @@ def is_active(c: Container) -> str:
 
 
 def snapshot(c: Container) -> dict[str, str]:
-    """The container's whole routing and legacy-iptables state plus our sysctls (no counters)."""
-    return kernel_snapshot(c.out, SYSCTLS)
+    """The container's whole routing and firewall state (nft and legacy) plus our sysctls (no
+    counters)."""
+    return {**kernel_snapshot(c.out, SYSCTLS), "nft": nft_ruleset(c.out)}
+
+
+def firewall(c: Container) -> str:
+    """What our backend holds in the container now."""
+    return ours(lambda argv: c.run(argv, check=False).stdout, CURRENT["backend"])
 
 
 def vpn_client_state_in_place(c: Container) -> bool:
     """The kernel state the vpn-client example asks for, each piece exactly once."""
     rules = c.out("ip -4 rule show")
     table = c.out("ip -4 route show table 42")
-    mangle = c.out("iptables-legacy-save -t mangle")
+    fw = firewall(c)
+    tagging = ('iifname "tun0" ip dscp set 0x2a' if CURRENT["backend"] == "nftables"  # as nft lists it
+               else "4 -A TAGROUTED-PREROUTING -i tun0 -j DSCP --set-dscp 0x2a")
     return (
-        rules.count("fwmark 0x2a lookup 42") == 1 and "1042:" in rules
+        rules.count("fwmark 0x2a/0xff lookup 42") == 1 and "1042:" in rules
         and re.search(r"^default dev tun0\b", table, re.M) is not None
         and re.search(r"^unreachable default\b", table, re.M) is not None
-        and mangle.count("-j TAGROUTED-PREROUTING") == 1
-        and ":TAGROUTED-PREROUTING" in mangle
+        and fw.count(tagging) == 1
         and c.out("sysctl -n net.ipv4.conf.tun0.rp_filter").strip() == "2"
         and c.out("sysctl -n net.ipv4.ip_forward").strip() == "1"
     )
@@ -177,7 +192,7 @@ def write_config(c: Container, text: str) -> None:
 
 
 def example_with(extra_services: str = "", on_stop: str | None = None) -> str:
-    text = EXAMPLE.read_text()
+    text = with_backend(EXAMPLE.read_text(), CURRENT["backend"])
     if extra_services:
         text = text.replace("\nvpn_client:", extra_services + "\nvpn_client:", 1)
     if on_stop:
@@ -203,8 +218,8 @@ def test_reload_with_a_new_service_adds_its_rule(ct: Container) -> None:
     write_config(ct, example_with(NEW_SERVICE))
     res = ct.run("systemctl reload tagrouted", check=False, timeout=90)
     assert res.returncode == 0, res.stderr
-    wait_for(lambda: "--dport 2222" in ct.out("iptables-legacy-save -t filter"), timeout=20,
-             what="the new service's FORWARD rule")
+    new = "192.168.100.3 . tcp . 2222" if CURRENT["backend"] == "nftables" else "--dport 2222"
+    wait_for(lambda: new in firewall(ct), timeout=20, what="the new service's forward accept")
     assert is_active(ct) == "active"
     assert show(ct, "MainPID") == pid, "a reload is not a restart"
     assert vpn_client_state_in_place(ct)
@@ -234,23 +249,30 @@ def test_journal_has_one_record_per_change_with_fields(ct: Container) -> None:
     assert records, "no change records in the journal"
     for r in records:
         assert r["TAGROUTED_ACTION"] in ("added", "removed", "replaced", "set"), r
-        assert r["TAGROUTED_OBJECT"] in ("route", "rule", "sysctl", "chain", "jump"), r
+        assert r["TAGROUTED_OBJECT"] in ("route", "rule", "sysctl", "chain", "jump", "table", "set",
+                                         "element", "counter"), r
         assert r["TAGROUTED_REASON"] in ("start", "reload", "link", "drift", "resync"), r
         assert r["SYSLOG_IDENTIFIER"] == "tagrouted" and r["_TRANSPORT"] == "journal", r
     start = [r for r in records if r["TAGROUTED_REASON"] == "start"]
     messages = [r["MESSAGE"] for r in start]
     assert len(messages) == len(set(messages)), "one record per change, never twice"
     assert any(r["TAGROUTED_OBJECT"] == "rule" and r["TAGROUTED_ACTION"] == "added"
-               and r["MESSAGE"] == "added rule fwmark 0x2a lookup 42 pref 1042" for r in start), messages
+               and r["MESSAGE"] == "added rule fwmark 0x2a/0xff lookup 42 pref 1042" for r in start), messages
     assert any(r["TAGROUTED_OBJECT"] == "route" and "default dev tun0 table 42" in r["MESSAGE"]
                for r in start), messages
     assert any(r["TAGROUTED_OBJECT"] == "sysctl" and r["TAGROUTED_ACTION"] == "set"
                and "net.ipv4.conf.tun0.rp_filter=2" in r["MESSAGE"] for r in start), messages
-    # The reload that added a service changed exactly one thing: the IPv4 FORWARD chain.
-    reload = [(r["TAGROUTED_ACTION"], r["TAGROUTED_OBJECT"], r["MESSAGE"])
-              for r in records if r["TAGROUTED_REASON"] == "reload"]
-    assert len(reload) == 1, reload
-    assert reload[0][:2] == ("replaced", "chain") and "TAGROUTED-FORWARD (filter, IPv4)" in reload[0][2]
+    # The reload that added a service changed exactly what a new service needs: legacy, the IPv4
+    # FORWARD chain; nftables, its element in the admit set, its counter and its counters-map
+    # element (the chains are untouched).
+    reload = sorted((r["TAGROUTED_ACTION"], r["TAGROUTED_OBJECT"], r["MESSAGE"])
+                    for r in records if r["TAGROUTED_REASON"] == "reload")
+    if CURRENT["backend"] == "iptables-legacy":
+        assert len(reload) == 1, reload
+        assert reload[0][:2] == ("replaced", "chain") and "TAGROUTED-FORWARD (filter, IPv4)" in reload[0][2]
+    else:
+        assert [r[:2] for r in reload] == [("added", "counter"), ("added", "element"), ("added", "element")], reload
+        assert any("admin 192.168.100.3 . tcp . 2222 to set admit4" in r[2] for r in reload), reload
 
 
 def test_watchdog_restarts_a_hung_daemon_which_adopts_the_state(ct: Container) -> None:
@@ -311,6 +333,7 @@ def test_stop_honours_on_stop(ct: Container) -> None:
     after = snapshot(ct)
     assert "fwmark 0x2a" not in after["rules4"] + after["rules6"]
     assert "TAGROUTED" not in after["ipt4"] + after["ipt6"]
+    assert "tagrouted" not in after["nft"]
     assert after == PRISTINE, "on_stop: remove leaves the host as tagrouted found it"
 
 
