@@ -1,8 +1,8 @@
-"""`tagroutectl`: check, plan, diff, apply, status, reload, down.
+"""`tagroutectl`: check, plan, diff, apply, status, reload, down, doctor.
 
 Owns argument parsing, exit codes and what the user reads. Imports lazily: `check` and `plan`
 load only the config and the pure core, `status` and `reload` only the control-socket client,
-so they start fast; only `diff`, `apply` and `down` import the kernel libraries.
+so they start fast; only `diff`, `apply`, `down` and `doctor` import the kernel libraries.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable")
     sub.add_parser("reload", help="make the daemon re-read the config")
     sub.add_parser("down", help="remove everything tagrouted owns, restore sysctls (exit 1: a part failed)")
+    doctor = sub.add_parser("doctor", help="check this host's part of the path; changes nothing "
+                                           "(exit 0 ok, 2 a check fails, 1 invalid config)")
+    doctor.add_argument("--json", action="store_true", help="machine-readable")
     return p
 
 
@@ -115,7 +118,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
             print(f"error: {line[1:]}", file=sys.stderr)
         else:
             print(line)
-    return EXIT_DRIFT if lines else EXIT_OK
+    # `# may block:` lines inform; everything else (a `blocked:` conflict too) is drift
+    return EXIT_DRIFT if any(not line.startswith("#") for line in lines) else EXIT_OK
 
 
 def _report(result: object) -> int:
@@ -128,6 +132,9 @@ def _report(result: object) -> int:
         print(f"note: {note}", file=sys.stderr)
     for error in result.errors:
         print(f"error: {error}", file=sys.stderr)
+    for c in result.conflicts or ():
+        label = "blocked" if c.severity == "fail" else "may block"
+        print(f"{label}: {c.line()}", file=sys.stderr)
     if not result.changes and result.ok:
         print("in sync: nothing to change")
     return EXIT_OK if result.ok else EXIT_INVALID
@@ -222,6 +229,17 @@ def _no_daemon(e: Exception) -> None:
         print(f"tagrouted is not running: {e}", file=sys.stderr)
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_INVALID
+    checks = doctor.run(config, args.run_dir)
+    print(doctor.render(checks, args.json))
+    return doctor.exit_code(checks)
+
+
 COMMANDS = {
     "check": cmd_check,
     "plan": cmd_plan,
@@ -230,6 +248,7 @@ COMMANDS = {
     "status": cmd_status,
     "reload": cmd_reload,
     "down": cmd_down,
+    "doctor": cmd_doctor,
 }
 
 

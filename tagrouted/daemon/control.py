@@ -215,6 +215,12 @@ def format_status(status: dict[str, Any]) -> str:
         row("last error", "none")
     for problem in status.get("config_errors") or []:
         lines.append(f"  rejected:   {problem}")
+    for c in status.get("conflicts") or []:
+        row("blocked", f"{c.get('table')} chain {c.get('chain')} {c.get('rule')}: {c.get('does')}")
+        lines.append(f"{'':<13}   fix: {c.get('fix')}")
+    for c in status.get("conflict_warnings") or []:
+        row("may block", f"{c.get('table')} chain {c.get('chain')} {c.get('rule')}: {c.get('does')}")
+        lines.append(f"{'':<13}   fix: {c.get('fix')}")
     services = status.get("services") or []
     if services:
         lines.append("services:")

@@ -46,9 +46,11 @@ from typing import Any
 
 from .. import __version__
 from ..core.config import Config, ConfigError, load_config, read_config_bytes
+from ..core.hostfw import Conflict
 from ..core.state import ROUTE_PROTO, Change, DesiredState, HostFacts
-from ..kernel.converge import ALL_PARTS, FIREWALL, ROUTING, SYSCTLS, Converger, ConvergeResult
+from ..kernel.converge import ALL_PARTS, FIREWALL, HOSTFW, ROUTING, SYSCTLS, Converger, ConvergeResult
 from ..kernel.firewall import IPTABLES_LEGACY, NFTABLES, Choice, choose
+from ..kernel.hostfw import legacy_present
 from .events import ConfigWatcher, NetlinkWatcher, NftBatch, NlEvent
 from .journal import Notifier, fields
 
@@ -150,6 +152,8 @@ class _Snapshot:
     last_error: dict[str, Any] | None = None
     tunnel_up: bool | None = None
     counters: dict[str, tuple[int, int] | None] = field(default_factory=dict)
+    # the host firewall's conflicts with our traffic, as last judged: key -> Conflict
+    conflicts: dict[str, Conflict] = field(default_factory=dict)
 
 
 def tunnel_interface(config: Config) -> str | None:
@@ -305,16 +309,32 @@ class Daemon:
             self.trigger.poke("netlink", {ROUTING, SYSCTLS}, NETLINK_GAP)
 
     def on_nftables(self, batches: list[NftBatch]) -> None:
-        """(nftables thread) Poke for anyone else's transaction that touched our table."""
+        """(nftables thread) Poke for anyone else's transaction: one that touched our table
+        repairs it; one that touched another table (Docker, ufw, iptables -F through
+        iptables-nft, firewalld) re-reads the host firewall: our accepts there come back and
+        its conflicts are judged again. The batches of our own iptables-nft-restore come from
+        a child's pid: they cost one pass that finds nothing to do."""
         me = os.getpid()
-        if any(b.pid != me and OUR_NFT_TABLE in b.tables for b in batches):
-            self.trigger.poke("nftables", {FIREWALL}, NETLINK_GAP)
+        parts: set[str] = set()
+        for b in batches:
+            if b.pid == me:
+                continue
+            if OUR_NFT_TABLE in b.tables:
+                parts.add(FIREWALL)
+            if b.tables - {OUR_NFT_TABLE} or not b.tables:
+                parts.add(HOSTFW)
+        if parts:
+            self.trigger.poke("nftables", parts, NETLINK_GAP)
 
     def timer_parts(self) -> frozenset[str]:
-        """What a resync-timer pass re-reads: see TIMER comment above."""
-        if self.firewall.backend == NFTABLES and self._nft_events_live:
-            return frozenset({SYSCTLS})
-        return frozenset({SYSCTLS, FIREWALL})
+        """What a resync-timer pass re-reads: see TIMER comment above. The host firewall too
+        where legacy tables exist (they announce nothing) or nf_tables events cannot be had."""
+        parts = {SYSCTLS}
+        if not (self.firewall.backend == NFTABLES and self._nft_events_live):
+            parts.add(FIREWALL)
+        if not self._nft_events_live or legacy_present():
+            parts.add(HOSTFW)
+        return frozenset(parts)
 
     def on_overflow(self, why: str) -> None:
         self._links_seen.clear()  # events were lost: the next of each link counts again
@@ -557,7 +577,9 @@ class Daemon:
                                    "changes": len(result.changes), "parts": sorted(parts)}
         for part in parts:
             self._part_ok[part] = result.ok
-        self.snap.in_sync = all(self._part_ok.values())
+        if result.conflicts is not None:
+            self._note_conflicts(result.conflicts)
+        self.snap.in_sync = all(self._part_ok.values()) and not self._blocking()
         tun = tunnel_interface(self.config)
         if tun:
             link = result.facts.link(tun)
@@ -578,6 +600,28 @@ class Daemon:
             if self._last_error_text is not None:
                 log.info("recovered: in sync again")
             self._last_error_text = None
+
+    def _blocking(self) -> list[Conflict]:
+        return [c for c in self.snap.conflicts.values() if c.severity == "fail"]
+
+    def _note_conflicts(self, conflicts: tuple[Conflict, ...]) -> None:
+        """One journal warning per conflict when it appears, one notice when it goes."""
+        now = {c.key: c for c in conflicts}
+        for key, c in now.items():
+            old = self.snap.conflicts.get(key)
+            if old is None or old.severity != c.severity:
+                extra = fields(TAGROUTED_ACTION="added", TAGROUTED_OBJECT="conflict",
+                               TAGROUTED_REASON="drift")
+                if c.severity == "fail":
+                    log.warning("blocked: %s", c.line(), extra=extra)
+                else:
+                    log.warning("may block: %s", c.line(), extra=extra)
+        for key, c in self.snap.conflicts.items():
+            if key not in now:
+                extra = fields(TAGROUTED_ACTION="removed", TAGROUTED_OBJECT="conflict",
+                               TAGROUTED_REASON="drift")
+                log.info("conflict cleared: %s chain %s %s", c.table, c.chain, c.rule, extra=extra)
+        self.snap.conflicts = now
 
     def _log_change(self, change: Change, reason: str) -> None:
         extra = fields(TAGROUTED_ACTION=change.action, TAGROUTED_OBJECT=change.object,
@@ -635,8 +679,12 @@ class Daemon:
     # ---- status ----------------------------------------------------------------------------
     def _status_line(self) -> str:
         config, s = self.config, self.snap
+        blocking = self._blocking()
         if not s.ready:
             head = "starting: first converge " + ("failed, retrying" if s.last_error else "pending")
+        elif blocking:
+            head = f"BLOCKED by the host firewall: {blocking[0].table} chain {blocking[0].chain}" + (
+                f" (+{len(blocking) - 1} more)" if len(blocking) > 1 else "")
         elif s.in_sync:
             head = "in sync"
         else:
@@ -688,5 +736,8 @@ class Daemon:
             "netlink_overflows": self.netlink.overflows,
             "resync_interval": config.resync_interval,
             "on_stop": config.on_stop,
+            "conflicts": [c.as_dict() for c in s.conflicts.values() if c.severity == "fail"],
+            "conflict_warnings": [c.as_dict() for c in s.conflicts.values() if c.severity == "warn"],
+            "host_firewall": config.firewall.host_firewall,
             "status_line": self._status_line(),
         }

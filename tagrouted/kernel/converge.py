@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from ..core.config import RESERVED_TABLES, Config, Tag
 from ..core.desired import desired_state, empty_state, forwarded_families
+from ..core.hostfw import Conflict
 from ..core.plan import route_key, route_line, rule_line, sysctl_line
 from ..core.state import (
     ROUTE_PROTO,
@@ -42,7 +43,8 @@ from ..core.state import (
     Sysctl,
 )
 from . import conntrack
-from .firewall import BACKENDS, BackendUnavailable, FirewallBackend, choose, open_backend
+from .firewall import BACKENDS, NFTABLES, BackendUnavailable, FirewallBackend, choose, open_backend
+from .hostfw import HostContext, HostFirewall
 from .netlink import NetlinkAdapter
 from .rundir import RunDir, RunDirError
 from .sysctl import SavedSysctls, read_sysctl, write_sysctl
@@ -50,7 +52,8 @@ from .sysctl import SavedSysctls, read_sysctl, write_sysctl
 ROUTING = "routing"    # policy rules and routes: netlink announces every change to them
 SYSCTLS = "sysctls"    # /proc/sys values: links bring them, nothing announces a reset
 FIREWALL = "firewall"  # our firewall state: only config changes or tampering change them
-ALL_PARTS = frozenset({ROUTING, SYSCTLS, FIREWALL})
+HOSTFW = "hostfw"      # the host's own firewall: our accepts in its FORWARD chains, its conflicts
+ALL_PARTS = frozenset({ROUTING, SYSCTLS, FIREWALL, HOSTFW})
 
 
 @dataclass
@@ -61,6 +64,8 @@ class ConvergeResult:
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     backend: str | None = None  # the firewall backend this pass used
+    # the host firewall's conflicts with our traffic, as judged this pass (None: not judged)
+    conflicts: tuple[Conflict, ...] | None = None
 
     @property
     def ok(self) -> bool:
@@ -79,6 +84,7 @@ class Converger:
         self._tables: frozenset[int] = frozenset()
         self._brands: frozenset[Brand] = frozenset()
         self._backends: dict[str, FirewallBackend] = {}
+        self.hostfw = HostFirewall()
         # desired_state is pure: the same config object and equal facts give the same state,
         # and compiling 1000 services costs ~25 ms of every periodic pass (bench_scale)
         self._last_compiled: tuple[Config, HostFacts, DesiredState] | None = None
@@ -88,6 +94,7 @@ class Converger:
         for backend in self._backends.values():
             backend.close()
         self._backends.clear()
+        self.hostfw.close()
         self.run_dir.close()
 
     def backend(self, name: str) -> FirewallBackend:
@@ -139,6 +146,7 @@ class Converger:
             (ROUTING, "routes", self._routes),
             (SYSCTLS, "sysctls", self._sysctls),
             (FIREWALL, result.backend or "firewall", self._firewall),
+            (HOSTFW, "host firewall", lambda r, d: self._hostfw(r, d, config)),
         ]
         routing_refused = False
         for part, name, step in steps:
@@ -257,6 +265,20 @@ class Converger:
                 self._remove_all(name, result, dry_run, required=True)
             return
         self._sync(self.backend(result.backend), result.desired.firewall, result, dry_run)
+
+    def _hostfw(self, result: ConvergeResult, dry_run: bool, config: Config | None) -> None:
+        """Our accepts in the host's iptables-style FORWARD chains (or their removal, on
+        teardown and in report mode), then the judgement of the host's whole ruleset."""
+        intent = result.desired.firewall
+        mode = config.firewall.host_firewall if config else "integrate"
+        backend = result.backend or NFTABLES
+        synced = self.hostfw.sync(intent, mode=mode, backend=backend, context=host_context(config),
+                                  dry_run=dry_run, judge_it=config is not None)
+        result.changes += synced.changes
+        if config is not None:
+            result.conflicts = synced.conflicts
+        if synced.errors:
+            raise RuntimeError("; ".join(synced.errors))
 
     def _sync(self, backend: FirewallBackend, intent: FirewallIntent, result: ConvergeResult,
               dry_run: bool) -> None:
@@ -391,6 +413,14 @@ class RoutingRecord:
         self.run_dir.write(RECORD_FILE, (json.dumps(data, sort_keys=True) + "\n").encode())
 
 
+def host_context(config: Config | None) -> HostContext:
+    """The tunnels whose effective rp_filter matters and the families the roles forward."""
+    if config is None:
+        return HostContext()
+    tunnels = (config.vpn_client.tunnel_interface,) if config.vpn_client and config.has("vpn-client") else ()
+    return HostContext(tunnels, tuple(sorted(forwarded_families(config))))
+
+
 def _fam(family: int) -> str:
     return "IPv4" if family == 4 else "IPv6"
 
@@ -422,4 +452,6 @@ def drift_lines(converger: Converger, config: Config) -> list[str]:
         with contextlib.suppress(BackendUnavailable):
             if converger.backend(name).holds_state():
                 lines.append(f"-{name}: state of the backend not in use (removed by the next apply)")
+    lines += converger.hostfw.drift_lines(desired.firewall, mode=config.firewall.host_firewall,
+                                          backend=chosen, context=host_context(config))
     return lines

@@ -48,6 +48,7 @@ Traps in python-iptables 1.2 / libxtables 1.8.9, and what this module does about
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as ct
 import errno
 import fcntl
@@ -1227,6 +1228,117 @@ def _read_counters(family: Family, table: str, chains: set[str],
                         slot[1] += bcnt
         except (IptablesError, _Retry):
             return  # no such table, or it changed under us: no counters this time
+
+
+# ---- the host's own legacy tables (kernel/hostfw.py): read them, keep our HOSTFW accepts ----
+
+def _policy(h: _Handle, chain: str) -> str | None:
+    counters = ct.create_string_buffer(_COUNTERS.size)
+    name = h.lib.iptc_get_policy(chain.encode(), counters, h.h)
+    return name.decode() if name else None
+
+
+def save_text(family: Family, table: str) -> str | None:
+    """One legacy table as iptables-save prints it (rules decoded with the extensions' own save,
+    counters left out); None when the namespace has not instantiated it (then it is never
+    opened: opening one creates it)."""
+    if not _table_present(family, table):
+        return None
+    for _ in range(ATTEMPTS):
+        try:
+            with _lock:
+                fam = _family(family)
+                with _open(fam, table) as h:
+                    names = h.chains()
+                    lines = [f"*{table}"]
+                    lines += [f":{n} {_policy(h, n) or '-'} [0:0]" for n in names]
+                    for name in names:
+                        rules = [r for _, r in h.rules(name)]
+                        decoded = _decode_keys(fam, [(r.entry, r.target, r.standard, r.key) for r in rules])
+                        lines += [f"-A {name} {r.save_args()}" for r in decoded]
+                    lines.append("COMMIT")
+                    return "\n".join(lines) + "\n"
+        except _Retry:
+            time.sleep(FIRST_BACKOFF)
+        except _NoTable:
+            return None
+    raise IptablesTransient(f"{table} ({FAMILY_NAME[family]}): kept changing while read")
+
+
+def sync_accept_chain(family: Family, chain: str, rules: tuple[FirewallRule, ...], parent: str,
+                      jump: FirewallRule, *, dry_run: bool = False) -> list[Change]:
+    """Make the legacy filter table hold `chain` with exactly `rules` and one `jump` to it, first
+    in `parent` (with no rules: neither the chain nor any jump to it). Everything else in the
+    table stays as it is; one libiptc commit under /run/xtables.lock, only when something
+    differs. A table the namespace has not instantiated is left alone."""
+    if not _table_present(family, "filter"):
+        return []
+    where = f"(filter, {FAMILY_NAME[family]}, legacy)"
+    pause = FIRST_BACKOFF
+    last = ""
+    for _ in range(ATTEMPTS):
+        try:
+            with _lock:
+                fam = _family(family)
+                lock = contextlib.nullcontext() if dry_run else _xtables_lock()
+                with lock, _open(fam, "filter") as h:
+                    names = h.chains()
+                    if rules and parent not in names:
+                        raise IptablesError(f"no chain {parent} {where}")
+                    present = chain in names
+                    have = [r.key for _, r in h.rules(chain)] if present else []
+                    want = [_build(r, family).key for r in rules]
+                    jump_key = _build(jump, family).key
+                    jumps: list[tuple[str, int, bool]] = []
+                    for name in names:
+                        if name == chain:
+                            continue
+                        at = frozenset(i for i, t in enumerate(h.targets(name)) if t == chain)
+                        if at:
+                            jumps += [(name, pos, r.key == jump_key) for pos, r in h.rules(name, at)]
+                    keep = (parent, 0, True) if rules and (parent, 0, True) in jumps else None
+                    chain_ok = (present == bool(rules)) and have == want
+                    stray = [j for j in jumps if j != keep]
+                    if chain_ok and not stray and (keep is not None or not rules):
+                        return []
+                    changes: list[Change] = []
+                    if rules and not chain_ok:
+                        verb = "added" if not present else "replaced"
+                        changes.append(Change(verb, "chain", f"{verb} chain {chain} {where}: "  # type: ignore[arg-type]
+                                                             f"{len(rules)} accepts for our traffic"))
+                    for name, pos, _exact in stray:
+                        changes.append(Change("removed", "jump", f"removed jump {name} -> {chain} "
+                                                                 f"(rule {pos + 1}) {where}"))
+                    if rules and keep is None:
+                        changes.append(Change("added", "jump", f"added jump {parent} -> {chain} {where}"))
+                    if not rules and present:
+                        changes.append(Change("removed", "chain", f"removed chain {chain} {where}"))
+                    if dry_run:
+                        return changes
+                    for name, pos, _exact in sorted(stray, key=lambda j: (j[0], -j[1])):
+                        h.delete_at(name, pos)
+                    if rules:
+                        if not present:
+                            h.create_chain(chain)
+                        elif not chain_ok:
+                            h.flush(chain)
+                        if not chain_ok:
+                            for rule in rules:
+                                h.append(chain, _build(rule, family).entry)
+                        if keep is None:
+                            h.insert(parent, _build(jump, family).entry, 0)
+                    elif present:
+                        h.flush(chain)
+                        h.delete_chain(chain)
+                    h.commit()
+                    return changes
+        except _Retry as e:
+            last = str(e)
+        except _NoTable:
+            return []
+        time.sleep(pause)
+        pause *= 2
+    raise IptablesTransient(f"filter ({FAMILY_NAME[family]}): gave up after {ATTEMPTS} attempts: {last}")
 
 
 # ---- the backend ---------------------------------------------------------------------------
