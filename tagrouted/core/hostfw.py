@@ -905,10 +905,11 @@ class _Walk:
                         return "drop", True
                     sure = False
                 elif verdict in ("jump", "goto"):
-                    if self.hit_on == "drop" and _ours(chain, target) and self.flow.hook == "forward":
-                        if certain:
-                            return "accept", True
-                        sure = False
+                    if (target or "").startswith(CHAIN_PREFIX):  # ours: not another tool's doing
+                        if self.hit_on == "drop" and _ours(chain, target) and self.flow.hook == "forward":
+                            if certain:
+                                return "accept", True
+                            sure = False
                         continue
                     sub = self.rs.chain(chain, target or "")
                     if sub is None:

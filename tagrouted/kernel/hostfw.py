@@ -58,6 +58,7 @@ log = logging.getLogger("tagrouted.hostfw")
 
 LEGACY_TABLES = ("filter", "mangle")
 TIMEOUT = 10.0
+WRITE_ROUNDS = 3  # read-write rounds per pass while other tools keep changing the tables
 _NAMES = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
 
 
@@ -199,33 +200,26 @@ class HostFirewall:
         judges the ruleset as the pass would leave it (`diff`), unless `assume_integrated` is
         False (`doctor`: as it is now)."""
         result = HostfwResult()
-        picture = self.read(legacy_mangle=judge_it)
-        places = hostfw_places(picture.ruleset, backend, picture.legacy_filter) if mode == "integrate" else []
-        result.places = places
         rules = hostfw_rules(intent)
         wrote = False
-        for family in (4, 6):
-            want = rules.get(family, ())  # type: ignore[call-overload]
-            for source in ("iptables-nft", "legacy"):
-                place = next((p for p in places if p.family == family and p.source == source), None)
-                mine = want if place else ()
-                parent = place.parent if place else "FORWARD"
-                try:
-                    if source == "iptables-nft":
-                        changes = self._sync_nft(family, mine, parent, picture, dry_run)
-                    else:
-                        changes = self._sync_legacy(family, mine, parent, picture, dry_run)
-                except Exception as e:
-                    result.errors.append(f"host firewall ({source}, IPv{family}): {e}")
-                    continue
-                result.changes += changes
-                wrote = wrote or bool(changes)
+        # Another tool may change the tables between our read and our write (Docker sets both
+        # families' policies one after the other): re-read after a write and go again, a few
+        # times, so a pass ends with the state it judges.
+        for _ in range(WRITE_ROUNDS):
+            picture = self.read(legacy_mangle=judge_it)
+            places = (hostfw_places(picture.ruleset, backend, picture.legacy_filter)
+                      if mode == "integrate" else [])
+            result.places = places
+            changes = self._sync_places(rules, places, picture, dry_run, result.errors)
+            result.changes += changes
+            wrote = wrote or bool(changes)
+            if dry_run or not changes:
+                break
+        else:
+            picture = self.read(legacy_mangle=judge_it)
         if judge_it and not intent.empty:
             ruleset = picture.ruleset
-            if wrote and not dry_run:
-                picture = self.read()
-                ruleset = picture.ruleset
-            elif wrote and (dry_run if assume_integrated is None else assume_integrated):
+            if wrote and dry_run and (dry_run if assume_integrated is None else assume_integrated):
                 ruleset = with_integration(ruleset, places)  # judged as the pass would leave it
             values: dict[str, str] = {}
             if not dry_run:  # a dry run's sysctl step changed nothing: its lines say what it would
@@ -239,6 +233,24 @@ class HostFirewall:
                                      context.rp_filter_tunnels, context.forwarding)
         result.picture = picture
         return result
+
+    def _sync_places(self, rules: dict[Family, tuple[FirewallRule, ...]], places: list[HostfwPlace],
+                     picture: Picture, dry_run: bool, errors: list[str]) -> list[Change]:
+        out: list[Change] = []
+        for family in (4, 6):
+            want = rules.get(family, ())  # type: ignore[call-overload]
+            for source in ("iptables-nft", "legacy"):
+                place = next((p for p in places if p.family == family and p.source == source), None)
+                mine = want if place else ()
+                parent = place.parent if place else "FORWARD"
+                try:
+                    if source == "iptables-nft":
+                        out += self._sync_nft(family, mine, parent, picture, dry_run)
+                    else:
+                        out += self._sync_legacy(family, mine, parent, picture, dry_run)
+                except Exception as e:
+                    errors.append(f"host firewall ({source}, IPv{family}): {e}")
+        return out
 
     def _sync_nft(self, family: int, rules: tuple[FirewallRule, ...], parent: str, picture: Picture,
                   dry_run: bool) -> list[Change]:
