@@ -113,13 +113,16 @@ def cmd_diff(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     with converger:
         lines = drift_lines(converger, config)
+    drift = False
     for line in lines:
         if line.startswith("!"):  # what stops the comparison itself (a refused routing table)
             print(f"error: {line[1:]}", file=sys.stderr)
+        elif line.startswith("# "):  # what may block our traffic: a warning, not drift
+            print(f"warning: {line[2:]}", file=sys.stderr)
         else:
             print(line)
-    # `# may block:` lines inform; everything else (a `blocked:` conflict too) is drift
-    return EXIT_DRIFT if any(not line.startswith("#") for line in lines) else EXIT_OK
+            drift = True  # a `blocked:` conflict is drift too
+    return EXIT_DRIFT if drift else EXIT_OK
 
 
 def _report(result: object) -> int:

@@ -78,6 +78,23 @@ def legacy_save(out: Out, family: int) -> str:
                           for x in block.splitlines()))
 
 
+def without_hostfw(save_text: str) -> str:
+    """iptables-save text without counters, comments and what tagrouted keeps in the host's
+    FORWARD chains (its chain TAGROUTED-HOSTFW and the one jump to it): what another tool owns."""
+    text = re.sub(r"\[\d+:\d+\]", "[0:0]", save_text)
+    return "\n".join(x for x in text.splitlines() if "TAGROUTED-HOSTFW" not in x and not x.startswith("#"))
+
+
+def hostfw(out: Out) -> str:
+    """Our accepts in the host's iptables-style FORWARD chains (iptables-nft and legacy, both
+    families), as iptables-save lines prefixed by where they are."""
+    lines = []
+    for cmd in ("iptables-nft-save", "ip6tables-nft-save", "iptables-legacy-save", "ip6tables-legacy-save"):
+        text = out(["sh", "-c", f"{cmd} -t filter 2>/dev/null || true"])
+        lines += [f"{cmd} {x}" for x in text.splitlines() if "TAGROUTED-HOSTFW" in x]
+    return "\n".join(lines)
+
+
 def firewall_snapshot(out: Out) -> dict[str, str]:
     return {"nft": nft_ruleset(out), "ipt4": legacy_save(out, 4), "ipt6": legacy_save(out, 6)}
 

@@ -853,8 +853,10 @@ def _ours(chain: ForeignChain, target: str | None) -> bool:
 class _Walk:
     """One flow through one base chain: the first rule that surely decides, and every `may`."""
 
-    def __init__(self, rs: Ruleset, base: ForeignChain, flow: Flow, hit_on: str) -> None:
+    def __init__(self, rs: Ruleset, base: ForeignChain, flow: Flow, hit_on: str,
+                 ignore_ours: bool = False) -> None:
         self.rs, self.base, self.flow, self.hit_on = rs, base, flow, hit_on
+        self.ignore_ours = ignore_ours  # judge the chain as if our jump were not there
         self.hits: list[Hit] = []
 
     def is_hit(self, rule: ForeignRule, verdict: str | None) -> bool:
@@ -906,6 +908,8 @@ class _Walk:
                     sure = False
                 elif verdict in ("jump", "goto"):
                     if (target or "").startswith(CHAIN_PREFIX):  # ours: not another tool's doing
+                        if self.ignore_ours:
+                            continue
                         if self.hit_on == "drop" and _ours(chain, target) and self.flow.hook == "forward":
                             if certain:
                                 return "accept", True
@@ -1205,19 +1209,35 @@ class HostfwView:
     chains: tuple[str, ...] = ()
 
 
-def hostfw_places(ruleset: Ruleset, backend: str, legacy_filter: dict[int, bool]) -> list[HostfwPlace]:
-    """Where the forward path runs through iptables-style filter chains that need our accepts:
-    iptables-nft's `ip filter` / `ip6 filter` with a FORWARD chain, and the legacy filter table
-    where it exists (unless the legacy backend already puts its accepts first there)."""
+def hostfw_places(ruleset: Ruleset, intent: FirewallIntent, backend: str,
+                  legacy_filter: dict[int, bool]) -> list[HostfwPlace]:
+    """Where our traffic's forward path runs through iptables-style filter chains that could drop
+    it (a drop policy, a drop or reject rule that surely or maybe matches, judged without our own
+    jump): iptables-nft's `ip filter` / `ip6 filter`, and the legacy filter table where it exists
+    and the legacy backend does not already put its accepts first there."""
     out = []
+    flows = our_flows(intent)
     families: tuple[tuple[Family, str], ...] = ((4, "ip"), (6, "ip6"))
     for family, fam in families:
         for source in ("iptables-nft", "legacy"):
             if source == "legacy" and (backend == "iptables-legacy" or not legacy_filter.get(family)):
                 continue
-            names = {c.name for c in ruleset.chains
-                     if c.source == source and c.family == fam and c.table == "filter"}
-            if "FORWARD" in names:
+            chains = [c for c in ruleset.chains
+                      if c.source == source and c.family == fam and c.table == "filter"]
+            forward = next((c for c in chains if c.name == "FORWARD" and c.base), None)
+            if forward is None:
+                continue
+            blocked = False
+            for flow in flows:
+                if flow.family != family:
+                    continue
+                walk = _Walk(ruleset, forward, flow, "drop", ignore_ours=True)
+                walk.run()
+                if walk.hits:
+                    blocked = True
+                    break
+            if blocked:
+                names = {c.name for c in chains}
                 out.append(HostfwPlace(source, family,  # type: ignore[arg-type]
                                        DOCKER_USER if DOCKER_USER in names else "FORWARD"))
     return out

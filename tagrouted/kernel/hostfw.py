@@ -207,7 +207,7 @@ class HostFirewall:
         # times, so a pass ends with the state it judges.
         for _ in range(WRITE_ROUNDS):
             picture = self.read(legacy_mangle=judge_it)
-            places = (hostfw_places(picture.ruleset, backend, picture.legacy_filter)
+            places = (hostfw_places(picture.ruleset, intent, backend, picture.legacy_filter)
                       if mode == "integrate" else [])
             result.places = places
             changes = self._sync_places(rules, places, picture, dry_run, result.errors)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from firewall_view import TAMPERS, config_copy, firewall_snapshot, holds_nothing, ours
+from firewall_view import TAMPERS, config_copy, firewall_snapshot, holds_nothing, hostfw, ours, without_hostfw
 from nslab import Netns, kernel_snapshot, veth
 
 pytestmark = pytest.mark.kernel
@@ -161,25 +161,31 @@ def test_foreign_tables_stay_byte_identical_across_apply_repair_and_down(
         netns: type[Netns], tmp_path: Path) -> None:
     """iptables-nft's tables and another tool's inet table are never touched, on apply, on a
     repair of ours (whole table deleted, a chain flushed) and on down; nor is a legacy chain
-    whose name merely starts like ours."""
+    whose name merely starts like ours. The one exception, by design (issue 11): iptables-nft's
+    FORWARD may drop our traffic (a DROP rule for a source address), so our branded chain and
+    its jump go there, and nothing else of that table changes."""
     ns = host(netns, "fg", tun=True)
     foreign_firewall(ns)
     ns.run("iptables-legacy -N TAGROUTED-CUSTOM")
     ns.run("iptables-legacy -A TAGROUTED-CUSTOM -j RETURN")
     config = example("vpn-client.yaml", "nftables", tmp_path)
 
-    def foreign() -> tuple[str, str]:
-        return (ns.out("nft list table inet othertool") + ns.out("nft list table ip filter")
-                + ns.out("nft list table ip mangle"), ns.out("iptables-legacy -S TAGROUTED-CUSTOM"))
+    def foreign() -> tuple[str, str, str]:
+        return (ns.out("nft list table inet othertool") + ns.out("nft list table ip mangle"),
+                without_hostfw(ns.out("iptables-nft-save -t filter")),
+                ns.out("iptables-legacy -S TAGROUTED-CUSTOM"))
     before = foreign()
+    full_before = ns.out("nft list table ip filter")
     assert ctl(ns, config, tmp_path, "apply")[0] == 0
     assert foreign() == before
+    assert "-A FORWARD -m comment --comment tagrouted -j TAGROUTED-HOSTFW" in hostfw(ns.out)
     for tamper in ("nft delete table inet tagrouted", "nft flush chain inet tagrouted forward"):
         ns.run(tamper)
         assert ctl(ns, config, tmp_path, "apply")[0] == 0
         assert foreign() == before
     assert ctl(ns, config, tmp_path, "down")[0] == 0
     assert foreign() == before
+    assert ns.out("nft list table ip filter") == full_before, "down leaves iptables-nft's table as found"
     assert "tagrouted" not in ns.out("nft list tables")
 
 
