@@ -104,9 +104,18 @@ def our_flows(intent: FirewallIntent) -> tuple[Flow, ...]:
             out.append(Flow(f"replies of {_endpoint(e)}", gw.family, oif=gw.public_interface,
                             saddr=e.address, proto=e.proto, sport=e.home_port, ct_state="established",
                             dnat=True))
+    # The VPN server's passages come as (tunnel, uplink) then (uplink, tunnel): connections start
+    # on the uplink side (the gateway's DNAT) and their replies come out of the tunnel; a VPS
+    # keeps only (tunnel, uplink), the replies.
+    pairs = {(p.family, p.in_interface, p.out_interface) for p in intent.passages}
     for p in intent.passages:
+        reverse = (p.family, p.out_interface, p.in_interface) in pairs
+        first = reverse and intent.passages.index(p) < next(
+            i for i, q in enumerate(intent.passages)
+            if (q.family, q.in_interface, q.out_interface) == (p.family, p.out_interface, p.in_interface))
+        state = "established" if first or not reverse else "new"
         out.append(Flow(f"forwarding {p.in_interface} -> {p.out_interface}", p.family,
-                        iif=p.in_interface, oif=p.out_interface, dnat=None))
+                        iif=p.in_interface, oif=p.out_interface, ct_state=state))
     for a in intent.admissions:
         for e in a.exposed:
             out.append(Flow(f"new connections to {_endpoint(e)} from {a.tunnel}", a.family, iif=a.tunnel,
