@@ -90,7 +90,8 @@ def hostfw(out: Out) -> str:
     families), as iptables-save lines prefixed by where they are."""
     lines = []
     for cmd in ("iptables-nft-save", "ip6tables-nft-save", "iptables-legacy-save", "ip6tables-legacy-save"):
-        text = out(["sh", "-c", f"{cmd} -t filter 2>/dev/null || true"])
+        # no -t: iptables-legacy-save -t filter would create the table it reads
+        text = out(["sh", "-c", f"{cmd} 2>/dev/null || true"])
         lines += [f"{cmd} {x}" for x in text.splitlines() if "TAGROUTED-HOSTFW" in x]
     return "\n".join(lines)
 

@@ -1036,7 +1036,7 @@ def _ipt_cmd(c: ForeignChain) -> str:
     return ("ip6" + base[2:]) if c.family == "ip6" else base
 
 
-def _fix_drop(h: Hit, flow: Flow) -> str:
+def _fix_drop(h: Hit, flow: Flow, parent: str) -> str:
     c = h.chain
     if c.source == "nft":
         fix = f"nft insert rule {c.family} {c.table} {c.name} {_nft_accept(flow)}"
@@ -1049,7 +1049,7 @@ def _fix_drop(h: Hit, flow: Flow) -> str:
         return fix
     accept = "-m conntrack --ctstate DNAT -j ACCEPT" if flow.dnat else _ipt_accept(flow)
     return (f"set firewall.host_firewall: integrate (tagrouted keeps this accept), or "
-            f"{_ipt_cmd(c)} -t {c.table} -I {c.name} {accept}")
+            f"{_ipt_cmd(c)} -t {c.table} -I {parent} {accept}")
 
 
 def _fix_tag(h: Hit, point: TagPoint) -> str:
@@ -1091,13 +1091,17 @@ def judge(rs: Ruleset, intent: FirewallIntent, backend: str,
         for chain in bases:
             if chain.hook != flow.hook or not _family_ok(chain, flow) or chain.type == "nat":
                 continue
+            parent = chain.name
+            if chain.source != "nft" and chain.name == "FORWARD":
+                parent = _parent(chain, (c for c in rs.chains if (c.source, c.family, c.table) ==
+                                         (chain.source, chain.family, chain.table)))
             walk = _Walk(rs, chain, flow, "drop")
             walk.run()
             for h in walk.hits:
                 add(Conflict("fail" if h.sure else "warn", _table_label(chain),
                              h.at.name if h.rule else chain.name,
                              _rule_label(h), f"{'drops' if h.sure else 'may drop'}",
-                             _fix_drop(h, flow)), flow.what)
+                             _fix_drop(h, flow, parent)), flow.what)
     for point in tag_points(intent, backend):
         for chain in bases:
             if chain.hook != point.flow.hook or not _family_ok(chain, point.flow) or chain.type == "nat":
@@ -1246,10 +1250,17 @@ def hostfw_places(ruleset: Ruleset, intent: FirewallIntent, backend: str,
                     blocked = True
                     break
             if blocked:
-                names = {c.name for c in chains}
-                out.append(HostfwPlace(source, family,  # type: ignore[arg-type]
-                                       DOCKER_USER if DOCKER_USER in names else "FORWARD"))
+                out.append(HostfwPlace(source, family, _parent(forward, chains)))  # type: ignore[arg-type]
     return out
+
+
+def _parent(forward: ForeignChain, chains: Iterable[ForeignChain]) -> str:
+    """DOCKER-USER when FORWARD jumps to it (Docker's layout: rules there survive its restarts),
+    else FORWARD itself (an `iptables -F` leaves DOCKER-USER behind, unreachable)."""
+    if any(c.name == DOCKER_USER for c in chains) and any(
+            r.target == DOCKER_USER and r.verdict in ("jump", "goto") for r in forward.rules):
+        return DOCKER_USER
+    return "FORWARD"
 
 
 def with_integration(rs: Ruleset, places: Iterable[HostfwPlace]) -> Ruleset:

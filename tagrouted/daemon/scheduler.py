@@ -64,6 +64,9 @@ ROUTING_SAFETY_EVERY = 10
 OUR_NFT_TABLE = (1, "tagrouted")  # (NFPROTO_INET, name)
 NETLINK_GAP = 0.001    # s: gathers one burst of rtnetlink events into one pass
 FILE_GAP = 0.05        # s: an editor's write-rename-chmod sequence is one change
+# s: a script's burst of iptables commands (Docker's restart, `iptables -F; iptables -X`) is one
+# change: writing our jump back in the middle of it would make its `-X` fail (chain not empty)
+HOSTFW_GAP = 0.25
 ECHO_WINDOW = 0.25     # s after a pass in which RTM_NEW* of our table are our own echo
 FIRST_RETRY = 0.5      # s; doubles up to resync_interval
 MIN_RESYNC = 0.1       # s: a smaller resync_interval would keep a core busy re-reading
@@ -315,16 +318,16 @@ class Daemon:
         its conflicts are judged again. The batches of our own iptables-nft-restore come from
         a child's pid: they cost one pass that finds nothing to do."""
         me = os.getpid()
-        parts: set[str] = set()
+        ours = others = False
         for b in batches:
             if b.pid == me:
                 continue
-            if OUR_NFT_TABLE in b.tables:
-                parts.add(FIREWALL)
-            if b.tables - {OUR_NFT_TABLE} or not b.tables:
-                parts.add(HOSTFW)
-        if parts:
-            self.trigger.poke("nftables", parts, NETLINK_GAP)
+            ours = ours or OUR_NFT_TABLE in b.tables
+            others = others or bool(b.tables - {OUR_NFT_TABLE}) or not b.tables
+        if ours:
+            self.trigger.poke("nftables", {FIREWALL}, NETLINK_GAP)
+        if others:
+            self.trigger.poke("nftables", {HOSTFW}, HOSTFW_GAP)
 
     def timer_parts(self) -> frozenset[str]:
         """What a resync-timer pass re-reads: see TIMER comment above. The host firewall too

@@ -136,7 +136,7 @@ def change_records_are_well_formed(d: DaemonProc) -> None:
     for r in d.changes():
         assert r["TAGROUTED_ACTION"] in ("added", "removed", "replaced", "set"), r
         assert r["TAGROUTED_OBJECT"] in ("route", "rule", "sysctl", "chain", "jump", "table", "set",
-                                         "element", "counter"), r
+                                         "element", "counter", "conflict"), r
         assert r["TAGROUTED_REASON"] in ("start", "reload", "link", "drift", "resync", "stop"), r
         assert r["MESSAGE"].startswith(r["TAGROUTED_ACTION"]), r
         assert r["SYSLOG_IDENTIFIER"] == "tagrouted"

@@ -186,7 +186,7 @@ def test_the_conflict_names_table_chain_rule_and_fix() -> None:
     assert c.fix == "nft insert rule inet filter forward ct status dnat accept"
     docker = fails(judge(save(DOCKER_DROP), GATEWAY, "nftables"))[0]
     assert docker.table == "iptables-nft filter (IPv4)" and docker.rule == "policy drop"
-    assert "iptables-nft -t filter -I FORWARD -m conntrack --ctstate DNAT -j ACCEPT" in docker.fix
+    assert "iptables-nft -t filter -I DOCKER-USER -m conntrack --ctstate DNAT -j ACCEPT" in docker.fix
     client = fails(judge(nft(*FIREWALLD_STYLE), VPN_CLIENT, "nftables"))[0]
     assert 'iifname "tun0" oifname "eth0"' in client.fix
 
