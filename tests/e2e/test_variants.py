@@ -38,6 +38,12 @@ def test_every_host_is_in_sync(lab: Lab) -> None:
         assert res.returncode == 0, f"{host} drifted:\n{res.stdout}{res.stderr}"
 
 
+def test_doctor_finds_nothing_wrong_on_any_host(lab: Lab) -> None:
+    for host in lab.configs:
+        res = lab.tagroutectl(host, "doctor")
+        assert res.returncode == 0, f"{host}:\n{res.stdout}{res.stderr}"
+
+
 def test_nothing_unconfigured_is_reachable(lab: Lab) -> None:
     for public, _client, family in PATHS:
         before = lab.arrivals(lab.web, "udp", SPARE_UDP_PORT, family)
