@@ -19,7 +19,13 @@ events, none for reload/timers); every cause that arrives before the worker take
 joins the same pass. Link, address, route and rule events converge ROUTING (rules, routes)
 and SYSCTLS (a new tunnel's rp_filter); the resync timer converges what no event announces
 (SYSCTLS, FIREWALL), and every ROUTING_SAFETY_EVERY-th timer pass ROUTING too, as a safety net;
-start, reload, retries and a netlink overflow converge everything.
+start, reload, retries and a netlink overflow converge everything. Another program's nf_tables
+transaction converges FIREWALL when it touched our table, HOSTFW (our accepts in the host's
+FORWARD chains, and the judgement of its whole ruleset) when it touched any other, after a
+250 ms gap that lets a script's burst (Docker's restart, `iptables -F; iptables -X`) finish.
+Conflicts with the host's firewall are kept as judged by the last HOSTFW pass: one journal
+warning each when it appears (TAGROUTED_OBJECT=conflict), one notice when it goes, and never
+"in sync" while one that surely blocks is known.
 Our own route/rule writes echo back as RTM_NEW* events: additions seen while a pass runs or
 just after it are dropped, deletions always poke (a repeat pass that finds nothing to do
 writes nothing, so echoes cannot loop).

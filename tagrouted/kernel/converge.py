@@ -5,7 +5,9 @@ Owns the order of work, never the policy (desired.py) nor the kernel details (th
 Order: policy rules and routes are added before stale ones are removed (no gap for tagged
 replies), sysctls are set with their first original saved in the run directory, then the
 firewall backend the config chooses (kernel/firewall) syncs our firewall state: one nftables
-transaction, or one libiptc commit per legacy table. On a full pass (start, reload) the other
+transaction, or one libiptc commit per legacy table; then the host firewall step (kernel/hostfw.py)
+keeps our accepts in the host's iptables-style FORWARD chains and judges its whole ruleset
+against our traffic (ConvergeResult.conflicts). On a full pass (start, reload) the other
 backend's state is removed after ours is in place, so a switch of backend never leaves the host
 with neither. A step that fails does not stop the others: the result carries every change that
 did happen and every error, joined.

@@ -12,6 +12,7 @@ connmark or DSCP are reported.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from collections.abc import Iterator
@@ -272,17 +273,59 @@ def test_daemon_puts_our_accepts_back(make: object, backend: str, disturbance: s
     assert d.ctl("diff").returncode == 0
 
 
-def test_daemon_restores_legacy_accepts_on_its_timer(make: object) -> None:
-    """Legacy tables announce nothing: the resync timer finds our accepts gone."""
-    h = make("gateway", "nftables", "resync_interval: 300ms\n")  # type: ignore[operator]
+def test_daemon_restores_legacy_accepts_on_its_timer(make: object, backend: str) -> None:
+    """Legacy tables announce nothing: the resync timer finds our accepts gone (with the legacy
+    backend, its own chain first in FORWARD is what accepts our traffic there)."""
+    h = make("gateway", backend, "resync_interval: 300ms\n")  # type: ignore[operator]
     h.sh("iptables-legacy -P FORWARD DROP")
     d = DaemonProc(h.ns, h.config, h.run_dir)
     make.daemons.append(d)  # type: ignore[attr-defined]
     d.start()
     d.wait_ready()
-    wait_for(lambda: "iptables-legacy-save -A FORWARD -m comment" in h.hostfw(), what="legacy accepts")
+    chain = "TAGROUTED-HOSTFW" if backend == "nftables" else "TAGROUTED-FORWARD"
+
+    def first_in_forward() -> bool:
+        rules = [x for x in h.out(["iptables-legacy-save"]).splitlines() if x.startswith("-A FORWARD ")]
+        return bool(rules) and rules[0] == f"-A FORWARD -m comment --comment tagrouted -j {chain}"
+    wait_for(first_in_forward, what=f"{chain} first in legacy FORWARD")
     h.sh("iptables-legacy -F")
-    wait_for(lambda: "iptables-legacy-save -A FORWARD -m comment" in h.hostfw(), what="legacy accepts back")
+    wait_for(first_in_forward, what=f"{chain} first in legacy FORWARD again")
+    wait_for(lambda: d.status()["in_sync"], what="in sync")
+    assert d.status()["conflicts"] == []
+
+
+def test_doctor_changes_nothing(make: object, backend: str, tmp_path: Path) -> None:
+    """Not the firewall (no table made, not even a legacy one by reading it), not the run
+    directory, not a sysctl: on a host where nothing is in place, everything fails, nothing moves."""
+    h = make("vpn-client", backend)  # type: ignore[operator]
+    h.sh(*DOCKER)
+
+    def world() -> tuple[str, ...]:
+        return (h.out(["nft", "list", "ruleset"]), h.out(["cat", "/proc/net/ip_tables_names"]),
+                h.out(["cat", "/proc/net/ip6_tables_names"]), h.out(["sysctl", "-a"]),
+                h.out(["ip", "rule"]), h.out(["ip", "route", "show", "table", "all"]))
+    before = world()
+    code, out, err = h.ctl("doctor")
+    assert code == 2, out + err
+    assert re.search(r"^warn +daemon: not running here", out, re.M), out
+    assert re.search(r"^fail +forwarding: net.ipv4.ip_forward=0", out, re.M), out
+    assert re.search(r"^fail +firewall: ", out, re.M), out
+    assert re.search(r"^fail +host firewall: our accepts are not in place", out, re.M), out
+    assert re.search(r"^fail +host firewall: iptables-nft filter \(IPv4\) chain FORWARD policy drop", out, re.M)
+    assert re.search(r"^fail +tagged route: `ip -4 route get 8.8.8.8 mark 0x2a`", out, re.M), out
+    code, js, _ = h.ctl("doctor", "--json")
+    assert code == 2
+    doc = json.loads(js)
+    assert doc["exit"] == 2 and {"name", "status", "seen", "fix"} <= set(doc["checks"][0])
+    assert world() == before
+    assert not h.run_dir.exists()
+
+
+def test_doctor_refuses_an_invalid_config(make: object, backend: str) -> None:
+    h = make("vpn-client", backend)  # type: ignore[operator]
+    h.config.write_text(h.config.read_text() + "bogus: 1\n")
+    code, _, err = h.ctl("doctor")
+    assert code == 1 and "bogus" in err
 
 
 KILLSWITCH_CT = """
