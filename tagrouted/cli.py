@@ -117,6 +117,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     for line in lines:
         if line.startswith("!"):  # what stops the comparison itself (a refused routing table)
             print(f"error: {line[1:]}", file=sys.stderr)
+            drift = True
         elif line.startswith("# "):  # what may block our traffic: a warning, not drift
             print(f"warning: {line[2:]}", file=sys.stderr)
         else:

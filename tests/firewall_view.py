@@ -163,3 +163,38 @@ TAMPERS: dict[str, dict[str, tuple[str, str]]] = {
                           "+add chain inet tagrouted postrouting"),
     },
 }
+
+
+# Other tools' firewalls, as the host-firewall tests (kernel and e2e) load them.
+NATIVE_FORWARD_DROP = """
+table inet filter {
+  chain forward {
+    type filter hook forward priority filter; policy drop;
+    ct state established,related accept
+  }
+}
+"""
+CONNMARK_KILLSWITCH = """
+table inet killswitch {
+  chain out {
+    type filter hook output priority 0; policy accept;
+    ct mark set 0x1
+  }
+}
+"""
+EARLY_MARK = """
+table inet early {
+  chain out {
+    type route hook output priority mangle; policy accept;
+    meta mark set 0x1
+  }
+}
+"""
+# Docker's filter table (per family: iptables-nft / ip6tables-nft), and a plain drop policy.
+DOCKER = ["{ipt} -N DOCKER-USER", "{ipt} -A DOCKER-USER -j RETURN", "{ipt} -A FORWARD -j DOCKER-USER",
+          "{ipt} -P FORWARD DROP"]
+DROP_ONLY = ["{ipt} -P FORWARD DROP"]
+
+
+def both_families(commands: list[str]) -> list[str]:
+    return [c.format(ipt=ipt) for ipt in ("iptables-nft", "ip6tables-nft") for c in commands]

@@ -275,25 +275,22 @@ def _nft_value(v: Any, sets: dict[str, tuple[str, ...] | None]) -> tuple[str, ..
             a, b = v["range"]
             return (f"{a}-{b}",)
         if "set" in v:
-            items = v["set"] if isinstance(v["set"], list) else [v["set"]]
-            out: list[str] = []
-            for item in items:
-                got = _nft_value(item, sets)
-                if got is None:
-                    return None
-                out += got
-            return tuple(out)
+            return _nft_values(v["set"] if isinstance(v["set"], list) else [v["set"]], sets)
         if "elem" in v and isinstance(v["elem"], dict):
             return _nft_value(v["elem"].get("val"), sets)
     if isinstance(v, list):
-        out = []
-        for item in v:
-            got = _nft_value(item, sets)
-            if got is None:
-                return None
-            out += got
-        return tuple(out)
+        return _nft_values(v, sets)
     return None
+
+
+def _nft_values(items: list[Any], sets: dict[str, tuple[str, ...] | None]) -> tuple[str, ...] | None:
+    out: list[str] = []
+    for item in items:
+        got = _nft_value(item, sets)
+        if got is None:
+            return None
+        out += got
+    return tuple(out)
 
 
 def _nft_left(left: Any) -> tuple[str | None, int, str | None]:

@@ -19,41 +19,20 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from firewall_view import BACKENDS
+from firewall_view import (
+    BACKENDS,
+    CONNMARK_KILLSWITCH,
+    DOCKER,
+    DROP_ONLY,
+    EARLY_MARK,
+    NATIVE_FORWARD_DROP,
+    both_families,
+)
 from lab import CLIENT4, PUBLIC4, Lab
 from nslab import wait_for
 from support import all_paths, built_lab, expected_paths, require_daemon
 
 pytestmark = pytest.mark.e2e
-
-DOCKER = ["{ipt} -N DOCKER-USER", "{ipt} -A DOCKER-USER -j RETURN", "{ipt} -A FORWARD -j DOCKER-USER",
-          "{ipt} -P FORWARD DROP"]
-DROP_ONLY = ["{ipt} -P FORWARD DROP"]
-NATIVE_DROP = """
-table inet filter {
-  chain forward {
-    type filter hook forward priority filter; policy drop;
-    ct state established,related accept
-  }
-}
-"""
-CONNMARK_KILLSWITCH = """
-table inet killswitch {
-  chain out {
-    type filter hook output priority 0; policy accept;
-    ct mark set 0x1
-  }
-}
-"""
-EARLY_MARK = """
-table inet early {
-  chain out {
-    type route hook output priority mangle; policy accept;
-    meta mark set 0x1
-  }
-}
-"""
-
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
@@ -90,8 +69,7 @@ def test_no_conflict_doctor_is_happy_everywhere(lab: Lab) -> None:
 def test_forward_drop_works_without_user_action(lab: Lab, host: str, style: str) -> None:
     commands = DOCKER if style == "docker" else DROP_ONLY
     try:
-        for ipt in ("iptables-nft", "ip6tables-nft"):
-            sh(lab, host, *(c.format(ipt=ipt) for c in commands))
+        sh(lab, host, *both_families(commands))
         assert all_paths(lab) == expected_paths(), lab.diagnostics()
         wait_for(lambda: lab.status(host)["in_sync"], what=f"{host} in sync")  # type: ignore[index]
         code, out = doctor(lab, host)
@@ -108,8 +86,7 @@ def test_forward_drop_works_without_user_action(lab: Lab, host: str, style: str)
 
 def test_docker_restart_on_the_public_server(lab: Lab, report: Callable[[str], None]) -> None:
     try:
-        for ipt in ("iptables-nft", "ip6tables-nft"):
-            sh(lab, "remote", *(c.format(ipt=ipt) for c in DOCKER))
+        sh(lab, "remote", *both_families(DOCKER))
         lab.wait_path()
         ns = lab.ns("remote")
         # dockerd's restart: FORWARD rebuilt, its jump to DOCKER-USER first; DOCKER-USER kept
@@ -136,7 +113,7 @@ def test_docker_restart_on_the_public_server(lab: Lab, report: Callable[[str], N
 
 def test_native_forward_drop_on_the_public_server_is_named(lab: Lab) -> None:
     try:
-        lab.ns("remote").run("nft -f -", input=NATIVE_DROP)
+        lab.ns("remote").run("nft -f -", input=NATIVE_FORWARD_DROP)
         status = wait_for(lambda: (s := lab.status("remote")) and s["conflicts"] and s,
                           what="the conflict in status")
         assert status["in_sync"] is False

@@ -89,6 +89,17 @@ def warns(conflicts: tuple[Conflict, ...]) -> list[Conflict]:
     return [c for c in conflicts if c.severity == "warn"]
 
 
+def judged_as(conflicts: tuple[Conflict, ...], expect: str | None, name: str) -> None:
+    """None: no conflict; "fail": at least one sure one; "warn": only `may` ones."""
+    lines = [c.line() for c in conflicts]
+    if expect is None:
+        assert conflicts == (), (name, lines)
+    elif expect == "fail":
+        assert fails(conflicts), (name, lines)
+    else:
+        assert warns(conflicts) and not fails(conflicts), (name, lines)
+
+
 FIREWALLD_STYLE = (
     chain("inet", "filter", "forward", "forward", policy="drop"),
     rule("inet", "filter", "forward", 3, m(CT_STATE, ["established", "related"], "in"), ACCEPT),
@@ -163,13 +174,7 @@ COMMIT
     ("legacy iptables FORWARD DROP", save(DOCKER_DROP, "legacy"), VPN_SERVER, "fail"),
 ])
 def test_drops(name: str, ruleset: Ruleset, intent: FirewallIntent, expect: str | None) -> None:
-    conflicts = judge(ruleset, intent, "nftables")
-    if expect is None:
-        assert conflicts == (), [c.line() for c in conflicts]
-    elif expect == "fail":
-        assert fails(conflicts), name
-    else:
-        assert warns(conflicts) and not fails(conflicts), [c.line() for c in conflicts]
+    judged_as(judge(ruleset, intent, "nftables"), expect, name)
 
 
 def test_dnat_state_accepts_both_directions() -> None:
@@ -269,13 +274,7 @@ DSCP4 = {"payload": {"protocol": "ip", "field": "dscp"}}
      SERVICE, "iptables-legacy", None),
 ])
 def test_tags(name: str, ruleset: Ruleset, intent: FirewallIntent, backend: str, expect: str | None) -> None:
-    conflicts = judge(ruleset, intent, backend)
-    if expect is None:
-        assert conflicts == (), [c.line() for c in conflicts]
-    elif expect == "fail":
-        assert fails(conflicts), name
-    else:
-        assert warns(conflicts) and not fails(conflicts), [c.line() for c in conflicts]
+    judged_as(judge(ruleset, intent, backend), expect, name)
 
 
 def test_mark_conflict_fix_is_an_exemption_in_their_table() -> None:

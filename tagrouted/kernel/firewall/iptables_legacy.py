@@ -1273,65 +1273,14 @@ def sync_accept_chain(family: Family, chain: str, rules: tuple[FirewallRule, ...
     differs. A table the namespace has not instantiated is left alone."""
     if not _table_present(family, "filter"):
         return []
-    where = f"(filter, {FAMILY_NAME[family]}, legacy)"
     pause = FIRST_BACKOFF
     last = ""
     for _ in range(ATTEMPTS):
         try:
             with _lock:
-                fam = _family(family)
                 lock = contextlib.nullcontext() if dry_run else _xtables_lock()
-                with lock, _open(fam, "filter") as h:
-                    names = h.chains()
-                    if rules and parent not in names:
-                        raise IptablesError(f"no chain {parent} {where}")
-                    present = chain in names
-                    have = [r.key for _, r in h.rules(chain)] if present else []
-                    want = [_build(r, family).key for r in rules]
-                    jump_key = _build(jump, family).key
-                    jumps: list[tuple[str, int, bool]] = []
-                    for name in names:
-                        if name == chain:
-                            continue
-                        at = frozenset(i for i, t in enumerate(h.targets(name)) if t == chain)
-                        if at:
-                            jumps += [(name, pos, r.key == jump_key) for pos, r in h.rules(name, at)]
-                    keep = (parent, 0, True) if rules and (parent, 0, True) in jumps else None
-                    chain_ok = (present == bool(rules)) and have == want
-                    stray = [j for j in jumps if j != keep]
-                    if chain_ok and not stray and (keep is not None or not rules):
-                        return []
-                    changes: list[Change] = []
-                    if rules and not chain_ok:
-                        verb = "added" if not present else "replaced"
-                        changes.append(Change(verb, "chain", f"{verb} chain {chain} {where}: "  # type: ignore[arg-type]
-                                                             f"{len(rules)} accepts for our traffic"))
-                    for name, pos, _exact in stray:
-                        changes.append(Change("removed", "jump", f"removed jump {name} -> {chain} "
-                                                                 f"(rule {pos + 1}) {where}"))
-                    if rules and keep is None:
-                        changes.append(Change("added", "jump", f"added jump {parent} -> {chain} {where}"))
-                    if not rules and present:
-                        changes.append(Change("removed", "chain", f"removed chain {chain} {where}"))
-                    if dry_run:
-                        return changes
-                    for name, pos, _exact in sorted(stray, key=lambda j: (j[0], -j[1])):
-                        h.delete_at(name, pos)
-                    if rules:
-                        if not present:
-                            h.create_chain(chain)
-                        elif not chain_ok:
-                            h.flush(chain)
-                        if not chain_ok:
-                            for rule in rules:
-                                h.append(chain, _build(rule, family).entry)
-                        if keep is None:
-                            h.insert(parent, _build(jump, family).entry, 0)
-                    elif present:
-                        h.flush(chain)
-                        h.delete_chain(chain)
-                    h.commit()
-                    return changes
+                with lock, _open(_family(family), "filter") as h:
+                    return _accept_chain(h, family, chain, rules, parent, jump, dry_run)
         except _Retry as e:
             last = str(e)
         except _NoTable:
@@ -1339,6 +1288,57 @@ def sync_accept_chain(family: Family, chain: str, rules: tuple[FirewallRule, ...
         time.sleep(pause)
         pause *= 2
     raise IptablesTransient(f"filter ({FAMILY_NAME[family]}): gave up after {ATTEMPTS} attempts: {last}")
+
+
+def _accept_chain(h: _Handle, family: Family, chain: str, rules: tuple[FirewallRule, ...], parent: str,
+                  jump: FirewallRule, dry_run: bool) -> list[Change]:
+    where = f"(filter, {FAMILY_NAME[family]}, legacy)"
+    names = h.chains()
+    if rules and parent not in names:
+        raise IptablesError(f"no chain {parent} {where}")
+    present = chain in names
+    have = [r.key for _, r in h.rules(chain)] if present else []
+    want = [_build(r, family).key for r in rules]
+    jump_key = _build(jump, family).key
+    jumps: list[tuple[str, int, bool]] = []
+    for name in names:
+        at = frozenset(i for i, t in enumerate(h.targets(name)) if t == chain) if name != chain else None
+        if at:
+            jumps += [(name, pos, r.key == jump_key) for pos, r in h.rules(name, at)]
+    keep = (parent, 0, True) if rules and (parent, 0, True) in jumps else None
+    chain_ok = (present == bool(rules)) and have == want
+    stray = [j for j in jumps if j != keep]
+    if chain_ok and not stray and (keep is not None or not rules):
+        return []
+    changes: list[Change] = []
+    if rules and not chain_ok:
+        verb = "added" if not present else "replaced"
+        changes.append(Change(verb, "chain", f"{verb} chain {chain} {where}: "  # type: ignore[arg-type]
+                                             f"{len(rules)} accepts for our traffic"))
+    changes += [Change("removed", "jump", f"removed jump {name} -> {chain} (rule {pos + 1}) {where}")
+                for name, pos, _exact in stray]
+    if rules and keep is None:
+        changes.append(Change("added", "jump", f"added jump {parent} -> {chain} {where}"))
+    if not rules and present:
+        changes.append(Change("removed", "chain", f"removed chain {chain} {where}"))
+    if dry_run:
+        return changes
+    for name, pos, _exact in sorted(stray, key=lambda j: (j[0], -j[1])):
+        h.delete_at(name, pos)
+    if rules:
+        if not present:
+            h.create_chain(chain)
+        elif not chain_ok:
+            h.flush(chain)
+        for rule in rules if not chain_ok else ():
+            h.append(chain, _build(rule, family).entry)
+        if keep is None:
+            h.insert(parent, _build(jump, family).entry, 0)
+    elif present:
+        h.flush(chain)
+        h.delete_chain(chain)
+    h.commit()
+    return changes
 
 
 # ---- the backend ---------------------------------------------------------------------------
