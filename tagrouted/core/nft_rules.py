@@ -19,9 +19,10 @@ Base chains and why their priorities (numbers as nft prints them; `mangle` is -1
   accept here ends only our chain; our drops are final whatever other tables say.
 Marks and connmarks are set, restored and matched within `mark_mask` only.
 
-Every rule and element carries a comment with a digest of its own text: the backend compares
-those digests with what it reads back, never rule text (which nft normalises differently from
-version to version).
+Every rule counts its packets (a `counter` before its verdict: `tagroutectl doctor` and the
+demo show which of our rules traffic went through), and every rule and element carries a comment
+with a digest of its own text: the backend compares those digests with what it reads back, never
+rule text (which nft normalises differently from version to version).
 """
 
 from __future__ import annotations
@@ -149,6 +150,20 @@ def _endpoint_key(address: str, e: Exposed, public: bool) -> str:
     return f"{address} . {e.proto} . {_ports(e.port if public else e.home_port)}"
 
 
+def _counted(text: str) -> str:
+    """The rule with a counter: before its verdict (or dnat, also terminal), or after its last
+    statement."""
+    if text.startswith("counter "):
+        return text  # a named counter already counts
+    head, dnat, tail = text.partition(" dnat ")
+    if dnat:
+        return f"{head} counter dnat {tail}"
+    for verdict in (" accept", " drop"):
+        if text.endswith(verdict):
+            return f"{text[:-len(verdict)]} counter{verdict}"
+    return f"{text} counter"
+
+
 def _mark_set(expr: str, mark: int, mask: int) -> str:
     """`meta mark set ...` / `ct mark set ...` writing our bits only."""
     if mask == FULL_MASK:
@@ -169,7 +184,7 @@ class _Builder:
         self.chain_rules: dict[str, dict[str, None]] = {}
 
     def rule(self, chain: str, text: str) -> None:
-        self.chain_rules.setdefault(chain, {}).setdefault(text, None)
+        self.chain_rules.setdefault(chain, {}).setdefault(_counted(text), None)
 
     def element(self, spec: NftSet, element: NftElement) -> None:
         self.sets.setdefault(spec.name, spec)

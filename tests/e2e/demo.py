@@ -66,17 +66,41 @@ def verdict(seen: str | None, expected: str) -> str:
 
 
 def counters(lab: Lab, hosts: tuple[str, ...]) -> dict[tuple[str, str], int]:
-    """Packet counters of every rule in tagrouted's chains, IPv4, per (host, rule)."""
+    """Packet counters of every rule of tagrouted's, IPv4, per (host, rule): the rules of the
+    `inet tagrouted` table (nftables) or of the TAGROUTED-* chains (iptables-legacy)."""
     result: dict[tuple[str, str], int] = {}
     for host in hosts:
-        for line in lab.ns(host).out("iptables-legacy-save -c").splitlines():
+        ns = lab.ns(host)
+        listing = ns.run("nft list table inet tagrouted", check=False)
+        if listing.returncode == 0:
+            chain = ""
+            for line in listing.stdout.splitlines():
+                if m := re.match(r"\s*chain (\S+) \{", line):
+                    chain = m.group(1)
+                m = re.match(r"\s*(.*?) counter packets (\d+) bytes \d+(.*?)(?: comment \S+)?$", line)
+                if m and "ip6" not in line:
+                    result[(host, f"{chain}: {m.group(1)}{m.group(3)}")] = int(m.group(2))
+            continue
+        for line in ns.out("iptables-legacy-save -c").splitlines():
             m = re.match(r"\[(\d+):\d+\] (-A TAGROUTED-\S+ .*)", line)
             if m:
                 result[(host, m.group(2))] = int(m.group(1))
     return result
 
 
-RULE_MEANING = [
+RULE_MEANING = [  # (a piece of the rule, nftables or iptables-legacy form; what it does)
+    (" dnat ip", "DNAT to the home service, client address kept"),
+    ("@gw_allow4 accept", "admitted: a configured service"),
+    ("@admit4 accept", "admitted: a configured service"),
+    ("established,related", "the connection's other packets"),
+    ('iifname "tun0" ip dscp set', "out of the tunnel: stamped DSCP 42"),
+    ("ip dscp 0x2a meta mark set", "tagged reply from the LAN: fwmark 42 -> table 42 -> tun0"),
+    ('oifname "tun0" ip dscp set cs0', "into the tunnel: DSCP cleared"),
+    ("ct mark set", "tagged request: the connection remembers mark 42"),
+    ("ct mark & 0x000000ff == 0x0000002a", "reply: mark 42 restored -> table 42"),
+    ("meta mark & 0x000000ff == 0x0000002a ip dscp set", "reply stamped DSCP 42 for the VPN client"),
+    ('iifname "tun0" oifname "eth0" accept', "tunnel -> uplink"),
+    ('iifname "eth0" oifname "tun0" accept', "uplink -> tunnel"),
     ("-j DNAT", "DNAT to the home service, client address kept"),
     ("--dport", "admitted: a configured service"),
     ("RELATED,ESTABLISHED", "the connection's other packets"),
@@ -85,7 +109,7 @@ RULE_MEANING = [
     ("-o tun0 -j DSCP", "into the tunnel: DSCP cleared"),
     ("CONNMARK --set", "tagged request: the connection remembers mark 42"),
     ("--restore-mark", "reply: mark 42 restored -> table 42"),
-    ("--mark 0x2a -j DSCP", "reply stamped DSCP 42 for the VPN client"),
+    ("--mark 0x2a/0xff -j DSCP", "reply stamped DSCP 42 for the VPN client"),
     ("-i tun0 -o eth0 -j ACCEPT", "tunnel -> uplink"),
     ("-i eth0 -o tun0 -j ACCEPT", "uplink -> tunnel"),
 ]
@@ -101,7 +125,7 @@ def show_path(lab: Lab) -> None:
     seen = lab.request_tcp(PUBLIC4)
     after = counters(lab, hosts)
     print(f"  One more TLS request to {PUBLIC4}:{TLS_PORT} -> {verdict(seen, CLIENT4)}")
-    print("  Rules of tagrouted's chains that this request's packets went through (IPv4), by host:")
+    print("  Rules of tagrouted's that this request's packets went through (IPv4), by host:")
     for host in hosts:
         ns = lab.ns(host)
         print(f"    {bold(host)} {dim('(namespace ' + ns.name + ')')}")
@@ -148,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
           "tagrouted on every host of the path.\nNothing here touches this machine's own network; "
           "everything is removed at the end (also on Ctrl-C).")
     section("Building the lab")
-    with Lab(variant=args.variant, layout=args.layout, progress=progress) as lab:
+    with Lab(variant=args.variant, layout=args.layout, progress=progress, backend=args.backend) as lab:
+        print(f"  firewall backend: {args.backend or 'the default (auto: nftables unless iptables is legacy)'}")
         print(f"  built in {lab.timings['build']:.1f} s "
               f"({'tagrouted daemon' if lab.manager == 'tagrouted' else 'tagroutectl apply: the daemon is not installed'} "
               "on each host)")
@@ -192,10 +217,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"  tagrouted started again: TLS {PUBLIC4}:{TLS_PORT} -> "
                   f"{verdict(lab.request_tcp(PUBLIC4), CLIENT4)}   {dim(f'(after {waited:.1f} s)')}")
 
-            section("Someone flushes the mangle table on the service host")
+            flush = ("iptables-legacy -t mangle -F" if lab.backend == "iptables-legacy"
+                     else "nft flush table inet tagrouted")
+            section(f"Someone flushes tagrouted's rules on the service host: {flush}")
             mark = len(lab.journal(service_host))
-            lab.ns(service_host).run("iptables-legacy -t mangle -F")
-            print("  $ iptables-legacy -t mangle -F")
+            lab.ns(service_host).run(flush)
+            print(f"  $ {flush}")
             t0 = time.monotonic()
             lab.wait_path(timeout=30)
             print(f"  TLS {PUBLIC4}:{TLS_PORT} -> {verdict(lab.request_tcp(PUBLIC4), CLIENT4)}   "
@@ -205,7 +232,8 @@ def run(args: argparse.Namespace) -> int:
 
         if args.pause:
             section("Paused")
-            print("  Explore with e.g.: ip netns exec " + lab.web.name + " iptables-legacy-save")
+            look = "iptables-legacy-save" if lab.backend == "iptables-legacy" else "nft list ruleset"
+            print(f"  Explore with e.g.: ip netns exec {lab.web.name} {look}")
             print("  Namespaces: " + " ".join(ns.name for ns in lab.namespaces))
             input("  Press Enter to tear the lab down... ")
         section("Tearing down")
@@ -223,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", choices=["openvpn", "wireguard"], default="openvpn")
     p.add_argument("--layout", choices=["seed", "combined"], default="seed",
                    help="combined: a VPS (gateway + VPN server) and a home router (VPN client + service)")
+    p.add_argument("--backend", choices=["nftables", "iptables-legacy"], default=None,
+                   help="the firewall backend on every host (default: the example files' auto)")
     p.add_argument("--pause", action="store_true", help="wait for Enter before tearing down")
     args = p.parse_args(argv)
     # Ctrl-C tears down even when started from a shell that made us ignore SIGINT
