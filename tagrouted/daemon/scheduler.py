@@ -221,6 +221,7 @@ class Daemon:
         self.netlink = NetlinkWatcher(self.on_netlink, self.on_overflow)
         self.nft_events = NetlinkWatcher.netfilter(self.on_nftables, self.on_overflow)
         self._nft_events_live = False
+        self._worker_tid = 0  # the reconcile worker's thread id (it commits our transactions)
         self.firewall: Choice = choose(config.firewall.backend)
         self.files = ConfigWatcher(config_path, self.on_file_change)
         self.control: Any = None
@@ -305,9 +306,10 @@ class Daemon:
             self.trigger.poke("netlink", {ROUTING, SYSCTLS}, NETLINK_GAP)
 
     def on_nftables(self, batches: list[NftBatch]) -> None:
-        """(nftables thread) Poke for anyone else's transaction that touched our table."""
-        me = os.getpid()
-        if any(b.pid != me and OUR_NFT_TABLE in b.tables for b in batches):
+        """(nftables thread) Poke for anyone else's transaction that touched our table. The kernel
+        names the committing thread (task_pid_nr): our transactions come from the worker."""
+        ours = {os.getpid(), self._worker_tid}
+        if any(b.pid not in ours and OUR_NFT_TABLE in b.tables for b in batches):
             self.trigger.poke("nftables", {FIREWALL}, NETLINK_GAP)
 
     def timer_parts(self) -> frozenset[str]:
@@ -338,6 +340,7 @@ class Daemon:
 
     # ---- the worker ------------------------------------------------------------------------
     def _work(self) -> None:
+        self._worker_tid = threading.get_native_id()
         converger = Converger(self.run_dir)
         interval = self.notifier.watchdog_interval
         self._next_ping = time.monotonic() if interval else None
