@@ -4,12 +4,15 @@ Owns the exporter of one daemon: a prometheus_client registry holding a custom c
 pass-duration histogram, and the listener (TCP over IPv4 or IPv6, or an AF_UNIX socket) that
 serves the registry through prometheus_client's own MetricsHandler (content negotiation,
 OpenMetrics, gzip and `name[]` filtering come with it: nothing here writes the exposition).
+Started only when the config has `metrics.listen`: prometheus_client is not even imported else.
 Never touches the kernel: a scrape turns the status snapshot the scheduler publishes (a dict
 replaced by one reference swap, the same one `tagroutectl status --json` shows) into metric
 families, so it reads no kernel state, takes no lock the worker holds across a pass, and
 answers while a pass runs. The per-service counters in that snapshot are the kernel's rule
-counters as the worker last read them (every firewall pass: within resync_interval), so they
-follow long-lived connections.
+counters as the worker last read them (every firewall pass: within resync_interval), not
+numbers of our own that a long-lived connection could leave stale. Those rules see what comes
+before the established-connection accept: a DNAT or a new connection's first packets, so the
+counters count connections' opening packets, not the volume of a long transfer.
 
 Threads: `listen` and `stop` run in one thread at a time (the main thread at start and stop,
 the reconcile worker on a reload that changes `metrics.listen`); the listener has one accept
@@ -81,10 +84,12 @@ def families(status: Mapping[str, Any]) -> list[Metric]:
                                labels=["interface"])
         up.add_metric([str(tunnel)], 1 if status.get("tunnel_up") else 0)
         out.append(up)
-    packets = CounterMetricFamily("tagrouted_service_packets", "Packets of each service, from the "
-                                  "kernel's counters of its rules.", labels=["service"])
-    octets = CounterMetricFamily("tagrouted_service_bytes", "Bytes of each service, from the kernel's "
-                                 "counters of its rules.", labels=["service"])
+    seen_by = ("the kernel's counters of the service's own rules: its DNAT on a gateway, its FORWARD "
+               "accept on a VPN client; both see the first packets of each connection")
+    packets = CounterMetricFamily("tagrouted_service_packets", f"Packets counted by {seen_by}.",
+                                  labels=["service"])
+    octets = CounterMetricFamily("tagrouted_service_bytes", f"Bytes counted by {seen_by}.",
+                                 labels=["service"])
     for svc in status.get("services") or []:
         if svc.get("packets") is not None:  # a plain service host has no rule per service
             packets.add_metric([str(svc.get("name", ""))], svc["packets"])
