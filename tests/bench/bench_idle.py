@@ -3,7 +3,9 @@ flaps make it grow.
 
 1. Idle: a gateway with 10 services at the default resync_interval; after the first converge
    and a short settle, the daemon's CPU time (utime + stime from /proc/PID/stat, all threads)
-   over --idle seconds, as a share of one core, and its RSS (sampled every second).
+   over --idle seconds, as a share of one core, and its RSS (sampled every second). Twice:
+   without metrics, and with `metrics.listen` set and /metrics scraped every 15 s (the
+   scrape_interval of Prometheus' example config) from inside the namespace.
    Goals: <= 0.5 % of one core, <= 50 MB.
 2. Flaps: a vpn-client daemon; its RSS before any flap, after the first 100 (warm: caches,
    first-use allocations) and after --flaps down/up cycles of tun0 (each waits until table 42
@@ -25,11 +27,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as B
+from daemon_harness import http_get_metrics
 
 GOAL_CPU = 0.005
 GOAL_RSS = 50 * 2**20
 GOAL_GROWTH = 2 * 2**20
 SETTLE = 5.0
+METRICS_LISTEN = "127.0.0.1:9542"
+SCRAPE_EVERY = 15.0
 
 
 def flap(n: int) -> int:
@@ -48,24 +53,32 @@ def flap(n: int) -> int:
     return missed
 
 
-def idle(seconds: float, tmp: Path) -> dict[str, Any]:
-    ns, peer = B.gateway_host("idle")
+def idle(seconds: float, tmp: Path, metrics: bool) -> dict[str, Any]:
+    name = "idle-metrics" if metrics else "idle"
+    ns, peer = B.gateway_host(name)
     daemon = None
     try:
-        config = tmp / "gateway-10.yaml"
-        config.write_text(B.gateway_config(10))
-        daemon = B.Daemon(ns, config, tmp / "run-idle", tmp / "idle.log")
+        config = tmp / f"{name}.yaml"
+        config.write_text(B.gateway_config(10) + (f'metrics: {{listen: "{METRICS_LISTEN}"}}\n' if metrics else ""))
+        daemon = B.Daemon(ns, config, tmp / f"run-{name}", tmp / f"{name}.log")
         daemon.wait_ready()
         time.sleep(SETTLE)
         rss: list[int] = []
+        scrapes = 0
+        next_scrape = time.monotonic()
         cpu0, t0 = daemon.cpu_seconds(), time.monotonic()
         while time.monotonic() - t0 < seconds:
+            if metrics and time.monotonic() >= next_scrape:
+                ns.call(http_get_metrics, METRICS_LISTEN, timeout=30)
+                scrapes += 1
+                next_scrape += SCRAPE_EVERY
             rss.append(daemon.rss_bytes())
             time.sleep(1)
         cpu1, t1 = daemon.cpu_seconds(), time.monotonic()
         status = daemon.request("status")["status"]
         return {"cpu": (cpu1 - cpu0) / (t1 - t0), "rss_max": max(rss), "rss_end": rss[-1],
-                "seconds": t1 - t0, "passes": status.get("passes"), "repairs": status.get("repairs")}
+                "seconds": t1 - t0, "passes": status.get("passes"), "repairs": status.get("repairs"),
+                "scrapes": scrapes}
     finally:
         B.teardown(daemon, ns, peer)
 
@@ -106,16 +119,21 @@ def main() -> int:
     mb = 2**20
     with tempfile.TemporaryDirectory(prefix="tgr-bench-idle-") as tmpdir:
         try:
-            i = idle(args.idle, Path(tmpdir))
+            i = idle(args.idle, Path(tmpdir), metrics=False)
+            im = idle(args.idle, Path(tmpdir), metrics=True)
             f = flaps(max(args.flaps, 101), Path(tmpdir))
         finally:
             B.sweep_run_prefix()
     B.print_table(f"Idle: gateway, 10 services, resync_interval 2 s, {i['seconds']:.0f} s",
-                  ["measure", "value", "goal"], [
-                      ["CPU, share of one core", f"{i['cpu'] * 100:.2f} %", f"<= {GOAL_CPU * 100:.1f} %"],
-                      ["RSS, max over the run", f"{i['rss_max'] / mb:.1f} MB", f"<= {GOAL_RSS / mb:.0f} MB"],
-                      ["RSS at the end", f"{i['rss_end'] / mb:.1f} MB", ""],
-                      ["passes / repairs (status)", f"{i['passes']} / {i['repairs']}", ""],
+                  ["measure", "metrics off", f"metrics on, scraped every {SCRAPE_EVERY:.0f} s", "goal"], [
+                      ["CPU, share of one core", f"{i['cpu'] * 100:.2f} %", f"{im['cpu'] * 100:.2f} %",
+                       f"<= {GOAL_CPU * 100:.1f} %"],
+                      ["RSS, max over the run", f"{i['rss_max'] / mb:.1f} MB", f"{im['rss_max'] / mb:.1f} MB",
+                       f"<= {GOAL_RSS / mb:.0f} MB"],
+                      ["RSS at the end", f"{i['rss_end'] / mb:.1f} MB", f"{im['rss_end'] / mb:.1f} MB", ""],
+                      ["passes / repairs (status)", f"{i['passes']} / {i['repairs']}",
+                       f"{im['passes']} / {im['repairs']}", ""],
+                      ["scrapes", "-", str(im["scrapes"]), ""],
                   ])
     B.print_table(f"Memory across tunnel flaps: vpn-client, {max(args.flaps, 101)} down/up cycles "
                   f"in {f['elapsed']:.0f} s",
