@@ -153,8 +153,6 @@ def _daemon_does(args: argparse.Namespace, payload: dict[str, Any]) -> dict[str,
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from .kernel.converge import Converger
-
     payload: dict[str, Any] = {"command": "apply"}
     if args.config_given:
         payload["config"] = os.path.abspath(args.config)
@@ -163,6 +161,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
         return reply
     if reply is not None:
         return _daemon_applied(reply)
+    from .kernel.converge import Converger
+
     config = _load(args.config)
     if config is None:
         return EXIT_INVALID
@@ -192,28 +192,31 @@ def _daemon_applied(reply: dict[str, Any]) -> int:
     return EXIT_INVALID if errors else EXIT_OK
 
 
-def cmd_down(args: argparse.Namespace) -> int:
-    from .core.config import ConfigError, Tag, load_config
-    from .kernel.converge import Converger
+def _daemon_held_down(reply: dict[str, Any]) -> int:
+    for line in reply.get("errors", []):  # e.g. the daemon is stopping
+        print(line, file=sys.stderr)
+    if not reply.get("ok"):
+        return EXIT_INVALID
+    changes = reply.get("changes", [])
+    for line in changes:
+        print(line)
+    for line in reply.get("apply_errors", []):
+        print(f"error: {line}", file=sys.stderr)
+    if not changes:
+        print("nothing to remove")
+    print(f"held down: tagrouted (pid {reply.get('pid', '?')}) keeps everything removed until "
+          "`tagroutectl apply`, `tagroutectl reload`, SIGHUP or a restart")
+    return EXIT_OK
 
+
+def cmd_down(args: argparse.Namespace) -> int:
     reply = _daemon_does(args, {"command": "down"})
     if isinstance(reply, int):
         return reply
     if reply is not None:
-        for line in reply.get("errors", []):  # a reload that came at the same time won
-            print(line, file=sys.stderr)
-        if not reply.get("ok"):
-            return EXIT_INVALID
-        changes = reply.get("changes", [])
-        for line in changes:
-            print(line)
-        for line in reply.get("apply_errors", []):
-            print(f"error: {line}", file=sys.stderr)
-        if not changes:
-            print("nothing to remove")
-        print(f"held down: tagrouted (pid {reply.get('pid', '?')}) keeps everything removed until "
-              "`tagroutectl apply`, `tagroutectl reload`, SIGHUP or a restart")
-        return EXIT_OK
+        return _daemon_held_down(reply)
+    from .core.config import ConfigError, Tag, load_config
+    from .kernel.converge import Converger
 
     try:
         tag = load_config(args.config).tag

@@ -472,9 +472,14 @@ class Daemon:
             self._down(converger, work)
             return
         if self.snap.held_down_since is not None and not explicit:
+            # Held down: events, timers and file edits change nothing until a reload; the
+            # tunnel is still watched (a read), so status and metrics follow it.
             if "file" in causes:
                 self.files.rewatch()
-            return  # held down: events, timers and file edits change nothing until a reload
+            if causes & {"netlink", "overflow"}:
+                self._note_tunnel(converger.netlink.host_facts())
+                self._publish(None)
+            return
         file_moved = "file" in causes or ("timer" in causes and self._file_sig_now() != self._file_sig)
         if "file" in causes:
             self.files.rewatch()  # the directory may be a new one
@@ -589,9 +594,20 @@ class Daemon:
         for part in parts:
             self._part_ok[part] = result.ok
         self.snap.in_sync = all(self._part_ok.values())
+        self._note_tunnel(result.facts)
+        if result.errors:
+            self._failed("; ".join(result.errors))
+        elif self.snap.in_sync:  # a pass that skipped the failing part has not recovered it
+            self._backoff = FIRST_RETRY
+            self._retry_at = None
+            if self._last_error_text is not None:
+                log.info("recovered: in sync again")
+            self._last_error_text = None
+
+    def _note_tunnel(self, facts: HostFacts) -> None:
         tun = tunnel_interface(self.config)
         if tun:
-            link = result.facts.link(tun)
+            link = facts.link(tun)
             up = link is not None and link.up
             if up != self.snap.tunnel_up:
                 if self.snap.tunnel_up is not None or not up:
@@ -601,14 +617,6 @@ class Daemon:
                         log.warning("tunnel %s is %s: tagged replies meet the unreachable fallback",
                                     tun, "down" if link else "gone")
                 self.snap.tunnel_up = up
-        if result.errors:
-            self._failed("; ".join(result.errors))
-        elif self.snap.in_sync:  # a pass that skipped the failing part has not recovered it
-            self._backoff = FIRST_RETRY
-            self._retry_at = None
-            if self._last_error_text is not None:
-                log.info("recovered: in sync again")
-            self._last_error_text = None
 
     def _log_change(self, change: Change, reason: str) -> None:
         extra = fields(TAGROUTED_ACTION=change.action, TAGROUTED_OBJECT=change.object,
@@ -660,6 +668,8 @@ class Daemon:
                                    "changes": len(result.changes), "parts": sorted(ALL_PARTS)}
         if self.snap.held_down_since is None:
             self.snap.held_down_since = now
+        self.snap.counters = {}  # the rules that counted are gone
+        self._note_tunnel(result.facts)
         self._part_ok = dict.fromkeys(ALL_PARTS, False)  # the release pass re-checks everything
         self.snap.in_sync = False
         self._retry_at = None  # nothing is retried while held down

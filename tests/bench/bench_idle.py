@@ -3,9 +3,10 @@ flaps make it grow.
 
 1. Idle: a gateway with 10 services at the default resync_interval; after the first converge
    and a short settle, the daemon's CPU time (utime + stime from /proc/PID/stat, all threads)
-   over --idle seconds, as a share of one core, and its RSS (sampled every second). Twice:
-   without metrics, and with `metrics.listen` set and /metrics scraped every 15 s (the
-   scrape_interval of Prometheus' example config) from inside the namespace.
+   over --idle seconds, as a share of one core, and its RSS (sampled every second). Two such
+   daemons side by side over the same window: one without metrics, one with `metrics.listen`
+   set and /metrics scraped every 15 s (the scrape_interval of Prometheus' example config)
+   from inside its namespace.
    Goals: <= 0.5 % of one core, <= 50 MB.
 2. Flaps: a vpn-client daemon; its RSS before any flap, after the first 100 (warm: caches,
    first-use allocations) and after --flaps down/up cycles of tun0 (each waits until table 42
@@ -53,34 +54,45 @@ def flap(n: int) -> int:
     return missed
 
 
-def idle(seconds: float, tmp: Path, metrics: bool) -> dict[str, Any]:
-    name = "idle-metrics" if metrics else "idle"
-    ns, peer = B.gateway_host(name)
-    daemon = None
+def idle(seconds: float, tmp: Path) -> dict[str, dict[str, Any]]:
+    """Both daemons (metrics off, metrics on) side by side over the same window, so the other
+    load on the machine weighs on both alike; {"off": figures, "on": figures}."""
+    hosts: dict[str, tuple[B.Netns, B.Netns, B.Daemon | None]] = {}
     try:
-        config = tmp / f"{name}.yaml"
-        config.write_text(B.gateway_config(10) + (f'metrics: {{listen: "{METRICS_LISTEN}"}}\n' if metrics else ""))
-        daemon = B.Daemon(ns, config, tmp / f"run-{name}", tmp / f"{name}.log")
-        daemon.wait_ready()
+        for name in ("off", "on"):
+            ns, peer = B.gateway_host(f"idle-{name}")
+            hosts[name] = (ns, peer, None)
+            config = tmp / f"idle-{name}.yaml"
+            config.write_text(B.gateway_config(10)
+                              + (f'metrics: {{listen: "{METRICS_LISTEN}"}}\n' if name == "on" else ""))
+            hosts[name] = (ns, peer, B.Daemon(ns, config, tmp / f"run-idle-{name}", tmp / f"idle-{name}.log"))
+        daemons = {name: d for name, (_, _, d) in hosts.items() if d is not None}
+        for d in daemons.values():
+            d.wait_ready()
         time.sleep(SETTLE)
-        rss: list[int] = []
+        rss: dict[str, list[int]] = {name: [] for name in daemons}
         scrapes = 0
         next_scrape = time.monotonic()
-        cpu0, t0 = daemon.cpu_seconds(), time.monotonic()
+        cpu0, t0 = {name: d.cpu_seconds() for name, d in daemons.items()}, time.monotonic()
         while time.monotonic() - t0 < seconds:
-            if metrics and time.monotonic() >= next_scrape:
-                ns.call(http_get_metrics, METRICS_LISTEN, timeout=30)
+            if time.monotonic() >= next_scrape:
+                hosts["on"][0].call(http_get_metrics, METRICS_LISTEN, timeout=30)
                 scrapes += 1
                 next_scrape += SCRAPE_EVERY
-            rss.append(daemon.rss_bytes())
+            for name, d in daemons.items():
+                rss[name].append(d.rss_bytes())
             time.sleep(1)
-        cpu1, t1 = daemon.cpu_seconds(), time.monotonic()
-        status = daemon.request("status")["status"]
-        return {"cpu": (cpu1 - cpu0) / (t1 - t0), "rss_max": max(rss), "rss_end": rss[-1],
-                "seconds": t1 - t0, "passes": status.get("passes"), "repairs": status.get("repairs"),
-                "scrapes": scrapes}
+        cpu1, t1 = {name: d.cpu_seconds() for name, d in daemons.items()}, time.monotonic()
+        out = {}
+        for name, d in daemons.items():
+            status = d.request("status")["status"]
+            out[name] = {"cpu": (cpu1[name] - cpu0[name]) / (t1 - t0), "rss_max": max(rss[name]),
+                         "rss_end": rss[name][-1], "seconds": t1 - t0, "passes": status.get("passes"),
+                         "repairs": status.get("repairs"), "scrapes": scrapes if name == "on" else 0}
+        return out
     finally:
-        B.teardown(daemon, ns, peer)
+        for ns, peer, d in hosts.values():
+            B.teardown(d, ns, peer)
 
 
 def flaps(n: int, tmp: Path) -> dict[str, Any]:
@@ -119,8 +131,8 @@ def main() -> int:
     mb = 2**20
     with tempfile.TemporaryDirectory(prefix="tgr-bench-idle-") as tmpdir:
         try:
-            i = idle(args.idle, Path(tmpdir), metrics=False)
-            im = idle(args.idle, Path(tmpdir), metrics=True)
+            both = idle(args.idle, Path(tmpdir))
+            i, im = both["off"], both["on"]
             f = flaps(max(args.flaps, 101), Path(tmpdir))
         finally:
             B.sweep_run_prefix()

@@ -649,9 +649,13 @@ def test_down_with_a_daemon_stays_down_until_apply_or_sighup(host: Host) -> None
     down = d.changes("down")
     assert any(r["TAGROUTED_OBJECT"] == "rule" and r["TAGROUTED_ACTION"] == "removed" for r in down), down
 
-    # The world moves: the tunnel flaps, the file is edited, resync timers pass. Nothing comes back.
+    # The world moves: the tunnel flaps, the file is edited, resync timers pass. Nothing comes
+    # back, while status and metrics still follow the tunnel.
     host.ns.run("ip link set tun0 down")
+    wait_for(lambda: scrape(host.ns, "127.0.0.1:9542")['tagrouted_tunnel_up{interface="tun0"}'] == 0,
+             what="tunnel_up 0 while held down")
     host.ns.run("ip link set tun0 up")
+    wait_for(lambda: d.status()["tunnel_up"] is True, what="tunnel up again in status while held down")
     host.config.write_text(with_service(BASE, NEW_SERVICE) + METRICS)
     pings = d.notified().count("WATCHDOG=1")
     d.wait_notified("WATCHDOG=1", count=pings + 10, timeout=30)  # >= 2 s: several resync intervals
@@ -660,6 +664,7 @@ def test_down_with_a_daemon_stays_down_until_apply_or_sighup(host: Host) -> None
 
     status = d.status()
     assert status["held_down"] is True and status["in_sync"] is False
+    assert all(svc["packets"] is None for svc in status["services"]), "the rules that counted are gone"
     human = d.ctl("status").stdout
     assert "HELD DOWN by `tagroutectl down`" in human and "in sync:     yes" not in human, human
     assert any(n.startswith("STATUS=HELD DOWN") for n in d.notified())
