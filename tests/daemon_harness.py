@@ -13,11 +13,16 @@ benchmarks and the end-to-end lab:
 
 Stopping: `stop()` sends SIGTERM and waits (on_stop runs); `kill()` is SIGKILL (a crash).
 Both act on the daemon's own PID only.
+
+Metrics: `scrape(ns, listen)` GETs /metrics as Prometheus would, from inside the namespace
+(`listen` as in metrics.listen: "127.0.0.1:9542", "[::1]:9542" or a unix socket path), and
+parses it with prometheus_client's own parser into {'name{label="v"}': value}.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -37,6 +42,47 @@ VENV_BIN = Path(sys.executable).parent
 TAGROUTED = str(VENV_BIN / "tagrouted")
 TAGROUTECTL = str(VENV_BIN / "tagroutectl")
 Record = dict[str, Any]
+
+
+# ---- metrics -------------------------------------------------------------------------------
+def http_get_metrics(listen: str, timeout: float = 5) -> str:
+    """GET /metrics from `listen` (ADDRESS:PORT or a unix socket path) in this namespace."""
+    if listen.startswith("/"):
+        class UnixConnection(http.client.HTTPConnection):
+            def connect(self) -> None:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.settimeout(timeout)
+                self.sock.connect(listen)
+        conn: http.client.HTTPConnection = UnixConnection("localhost", timeout=timeout)
+    else:
+        host, port = listen.rsplit(":", 1)
+        conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
+    try:
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        body = resp.read().decode()
+        if resp.status != 200:
+            raise AssertionError(f"GET /metrics on {listen} -> {resp.status}: {body[:200]}")
+        return body
+    finally:
+        conn.close()
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Every sample of a scrape, parsed by prometheus_client.parser, as {'name{a="x"}': value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+def scrape(ns: Netns, listen: str) -> dict[str, float]:
+    """The daemon's metrics as Prometheus sees them, scraped from inside `ns`."""
+    return parse_metrics(ns.call(http_get_metrics, listen, timeout=30))
 
 
 class DaemonProc:

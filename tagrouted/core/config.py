@@ -122,6 +122,20 @@ class FirewallSection:
 
 
 @dataclass(frozen=True)
+class MetricsSection:
+    """Where the Prometheus endpoint listens: an IP address and port, or a unix socket path."""
+
+    host: str | None = None  # an IPv4 or IPv6 literal (no names: nothing is resolved)
+    port: int | None = None
+    path: str | None = None  # an absolute path for an AF_UNIX socket
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return self.path
+        return f"[{self.host}]:{self.port}" if ":" in (self.host or "") else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     roles: tuple[str, ...]
@@ -134,6 +148,7 @@ class Config:
     on_stop: Literal["keep", "remove"] = "keep"
     resync_interval: float = 2.0
     firewall: FirewallSection = field(default_factory=FirewallSection)
+    metrics: MetricsSection | None = None  # off when absent
 
     def has(self, role: str) -> bool:
         return role in self.roles
@@ -229,6 +244,10 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _PORT_RE = re.compile(r"(\d{1,6})(?:-(\d{1,6}))?")
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# metrics.listen: "[IPv6]:port" or "IPv4:port" (the address is checked after the match)
+_LISTEN_RE = re.compile(r"\[([^\]]*)\]:(\d{1,6})|([^:\[\]/]*):(\d{1,6})")
+_LISTEN_EXAMPLES = '"127.0.0.1:9542", "[::1]:9542" or /run/tagrouted/metrics.sock'
+UNIX_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes with the trailing NUL
 # Where a comment starts: a '#' at the start of a line or after white space.
 _COMMENT = re.compile(r"(?:^|[ \t])#")
 
@@ -536,7 +555,7 @@ def _type_name(node: _Node) -> str:
 
 _TOP_KEYS = {"roles": True, "tag": False, "services": False, "gateway": False, "vpn_server": False,
              "vpn_client": False, "service": False, "on_stop": False, "resync_interval": False,
-             "firewall": False}
+             "firewall": False, "metrics": False}
 _TAG_KEYS = {"dscp": False, "mark": False, "table": False, "priority": False, "mark_mask": False}
 _FIREWALL_KEYS = {"backend": False, "host_firewall": False}
 _SERVICE_KEYS = {"name": True, "proto": True, "port": True, "address": True, "to_port": False}
@@ -545,6 +564,7 @@ _GATEWAY_KEYS = {"public_interface": True, "public_addresses": True, "home_netwo
 _VPN_SERVER_KEYS = {"tunnel_interface": True, "uplink_interface": True, "families": False}
 _VPN_CLIENT_KEYS = {"tunnel_interface": True, "lan_interface": True, "rp_filter": False}
 _SERVICE_SECTION_KEYS = {"via": False, "tunnel_interface": False}
+_METRICS_KEYS = {"listen": True}
 _ROLE_SECTIONS = {"gateway": "gateway", "vpn-server": "vpn_server", "vpn-client": "vpn_client",
                   "service": "service"}
 
@@ -693,6 +713,14 @@ class _Spans:
 
 def _family(address: IPAddress | IPNetwork) -> Family:
     return 4 if address.version == 4 else 6
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _index(path: str, i: int) -> str:
@@ -922,6 +950,7 @@ class _Checker:
         on_stop = self.choice(n, "on_stop", ("keep", "remove")) if (n := given("on_stop")) else "keep"
         interval = self.interval(n) if (n := given("resync_interval")) else 2.0
         firewall = self.firewall(n) if (n := given_collection("firewall")) else FirewallSection()
+        metrics = self.metrics(n) if (n := given_collection("metrics")) else None
 
         if roles is not None:
             self.check_sections(top, roles)
@@ -953,6 +982,7 @@ class _Checker:
             on_stop=on_stop,  # type: ignore[arg-type]  # one of the two, checked above
             resync_interval=interval,
             firewall=firewall,
+            metrics=metrics,
         )
 
     def roles(self, node: _Node) -> list[tuple[str, _Node]] | None:
@@ -1245,6 +1275,63 @@ class _Checker:
             self.bad(node, path, f"must be more than 0 and at most {MAX_INTERVAL:g} seconds")
             return None
         return seconds
+
+    def metrics(self, node: _Node) -> MetricsSection | None:
+        entries = self.mapping(node, "metrics", _METRICS_KEYS)
+        if entries is None or "listen" not in entries:
+            return None
+        vnode, path = entries["listen"][1], "metrics.listen"
+        text = self.string(vnode, path, f"ADDRESS:PORT or a socket path ({_LISTEN_EXAMPLES})")
+        if text is None:
+            return None
+        if text.startswith("/"):
+            why = None
+            if len(text.encode()) > UNIX_PATH_MAX:
+                why = f"is longer than {UNIX_PATH_MAX} bytes, the kernel's limit for a socket path"
+            elif text.endswith("/"):
+                why = "ends in '/': name the socket file itself"
+            elif any(part in (".", "..") for part in text.split("/")):
+                why = "has . or .. in it: write the plain absolute path"
+            if why:
+                self.bad(vnode, path, f"{text} {why}")
+                return None
+            return MetricsSection(path=text)
+        m = _LISTEN_RE.fullmatch(text)
+        if m is None:
+            if text.count(":") > 1 and not text.startswith("["):
+                why = "an IPv6 address goes in brackets, as in [::1]:9542"
+            elif _is_ip(text) or (text.startswith("[") and text.endswith("]")):
+                why = f"needs a port, as in {text}:9542"
+            else:
+                why = f"expected ADDRESS:PORT or an absolute socket path ({_LISTEN_EXAMPLES})"
+            self.bad(vnode, path, f"{text!r}: {why}")
+            return None
+        bracketed = m.group(1) is not None
+        host, port_text = (m.group(1), m.group(2)) if bracketed else (m.group(3), m.group(4))
+        port = int(port_text)
+        why = None
+        if not host:
+            why = "needs an address before the port: 127.0.0.1 for this host only, 0.0.0.0 or [::] for all"
+        elif "%" in host:
+            why = "zone indexes (%...) are not supported"
+        else:
+            try:
+                address = ip_address(host)
+            except ValueError:
+                address = None
+            if address is None:
+                why = f"{host!r} is not an IP address (names are not resolved): e.g. 127.0.0.1:{port}"
+            elif bracketed != (address.version == 6):
+                why = (f"brackets are for IPv6 addresses: write {host}:{port}" if bracketed
+                       else f"an IPv6 address goes in brackets: [{host}]:{port}")
+            elif address.is_multicast or address == IPv4Address("255.255.255.255"):
+                why = f"{host} is not an address to listen on"
+            elif not 1 <= port <= 65535:
+                why = f"port {port} is out of range 1..65535"
+            else:
+                return MetricsSection(host=str(address), port=port)
+        self.bad(vnode, path, f"{text!r}: {why}")
+        return None
 
     # -- cross-checks --
 

@@ -303,14 +303,18 @@ class HostFacts:
         return None
 
 
+# What a change record can be about (TAGROUTED_OBJECT): routing and sysctls; the
+# iptables-legacy backend's chains and jumps; the nftables backend's table, chains, sets and maps,
+# their elements and its named counters.
+CHANGE_OBJECTS = ("route", "rule", "sysctl", "chain", "jump", "table", "set", "element", "counter")
+
+
 @dataclass(frozen=True)
 class Change:
     """One change made (or to make) to the kernel, as logged: one record per change."""
 
     action: Literal["added", "removed", "replaced", "set"]
-    # route | rule | sysctl; iptables-legacy: chain | jump; nftables: table | chain | set |
-    # element | counter
-    object: str
+    object: str  # one of CHANGE_OBJECTS
     message: str
 
 

@@ -31,6 +31,13 @@ changed it; logged as a warning and counted as a repair), stop (on_stop: remove)
 Errors: the pass keeps what it did, the error is logged (once per distinct message) and kept
 as last_error, and the pass is retried on a timer with doubling backoff up to
 resync_interval: health never waits for "something changed".
+
+One owner of the kernel state: `tagroutectl apply` with a daemon running asks it to reload
+(the same pass as `reload`), and `tagroutectl down` asks it to remove everything it owns and
+hold it down: no pass runs for events, timers or file edits until `reload` (or `apply`),
+SIGHUP or a restart, and the status says so (never "in sync"). Its records carry reason down.
+Metrics (metrics.py, only when `metrics.listen` is set) serve the published snapshot; the
+worker only feeds the pass-duration histogram.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..core.config import Config, ConfigError, load_config, read_config_bytes
@@ -51,6 +58,9 @@ from ..kernel.converge import ALL_PARTS, FIREWALL, ROUTING, SYSCTLS, Converger, 
 from ..kernel.firewall import IPTABLES_LEGACY, NFTABLES, Choice, choose
 from .events import ConfigWatcher, NetlinkWatcher, NftBatch, NlEvent
 from .journal import Notifier, fields
+
+if TYPE_CHECKING:
+    from .metrics import MetricsExporter
 
 log = logging.getLogger("tagrouted.daemon")
 
@@ -76,9 +86,10 @@ DRIFT_WHAT = {
 
 
 class ReloadWaiter:
-    """A control client waiting for the pass that handles its reload."""
+    """A control client waiting for the pass that handles its reload (or its `down`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, command: str = "reload") -> None:
+        self.command = command
         self.done = threading.Event()
         self.reply: dict[str, Any] = {}
 
@@ -150,6 +161,9 @@ class _Snapshot:
     last_error: dict[str, Any] | None = None
     tunnel_up: bool | None = None
     counters: dict[str, tuple[int, int] | None] = field(default_factory=dict)
+    repairs_by_object: dict[str, int] = field(default_factory=dict)
+    reloads: dict[str, int] = field(default_factory=lambda: {"ok": 0, "rejected": 0})
+    held_down_since: float | None = None  # `tagroutectl down` took everything away at this time
 
 
 def tunnel_interface(config: Config) -> str | None:
@@ -225,6 +239,7 @@ class Daemon:
         self.firewall: Choice = choose(config.firewall.backend)
         self.files = ConfigWatcher(config_path, self.on_file_change)
         self.control: Any = None
+        self.metrics: MetricsExporter | None = None  # made when metrics.listen is first set
         self._publish(None)
 
     # ---- lifecycle (main thread) -----------------------------------------------------------
@@ -234,6 +249,10 @@ class Daemon:
         self.control = ControlServer(self.run_dir, self.handle_request,
                                      logging.getLogger("tagrouted.control"))
         self.control.bind()  # AlreadyRunning when a live daemon owns the run directory
+        try:
+            self._serve_metrics(self.config)
+        except OSError as e:
+            raise OSError(f"metrics.listen {self.config.metrics}: {e.strerror or e}") from None
         self.netlink.start()  # bound before the first converge dumps anything
         try:
             self.nft_events.start()
@@ -263,11 +282,22 @@ class Daemon:
             if self._worker.is_alive():
                 log.error("the reconcile worker did not stop within %.0fs", timeout)
                 self.exit_code = 1
-        for part in (self.control, self.files, self.netlink, self.nft_events):
+        for part in (self.control, self.metrics, self.files, self.netlink, self.nft_events):
             if part is not None:
                 with contextlib.suppress(Exception):
                     part.stop()
         return self.exit_code
+
+    def _serve_metrics(self, config: Config) -> None:
+        """Serve /metrics where config.metrics says (nowhere: stop); OSError when it cannot.
+        (The main thread at start, then only the worker on reloads.)"""
+        if config.metrics is None and self.metrics is None:
+            return
+        if self.metrics is None:
+            from .metrics import MetricsExporter  # prometheus_client loads only when asked for
+
+            self.metrics = MetricsExporter(lambda: self._status)
+        self.metrics.listen(config.metrics)
 
     def reload_from_signal(self) -> None:
         log.info("SIGHUP: reloading %s", self.config_path)
@@ -330,13 +360,24 @@ class Daemon:
         command = req.get("command")
         if command == "status":
             return {"ok": True, "status": self._status}
-        if command == "reload":
-            waiter = ReloadWaiter()
-            self.trigger.poke("reload", ALL_PARTS, waiter=waiter)
-            if not waiter.done.wait(RELOAD_WAIT):
-                return {"ok": False, "error": f"the reload did not finish within {RELOAD_WAIT:.0f}s"}
-            return waiter.reply
-        return {"ok": False, "error": f"unknown command {command!r} (status, reload)"}
+        if command not in ("reload", "apply", "down"):
+            return {"ok": False, "error": f"unknown command {command!r} (status, reload, apply, down)"}
+        if command == "apply":
+            # `tagroutectl --config X apply` must not believe X is applied when we run another file.
+            named = req.get("config")
+            if isinstance(named, str) and os.path.realpath(named) != os.path.realpath(self.config_path):
+                return {"ok": False, "error": f"this tagrouted (pid {os.getpid()}) runs {self.config_path}, "
+                                              f"not {named}: edit that file and run `tagroutectl apply` "
+                                              "again, or stop the daemon first"}
+            log.info("tagroutectl apply: re-reading %s and converging", self.config_path)
+        elif command == "down":
+            log.info("tagroutectl down: removing everything tagrouted owns and holding it down")
+        waiter = ReloadWaiter(command)
+        self.trigger.poke("down" if command == "down" else "reload",
+                          () if command == "down" else ALL_PARTS, waiter=waiter)
+        if not waiter.done.wait(RELOAD_WAIT):
+            return {"ok": False, "error": f"the {command} did not finish within {RELOAD_WAIT:.0f}s"}
+        return {**waiter.reply, "pid": os.getpid()}
 
     # ---- the worker ------------------------------------------------------------------------
     def _work(self) -> None:
@@ -453,6 +494,13 @@ class Daemon:
         self._config_digest, self._rejected_digest, self._config_errors = digest, None, []
         if config.resync_interval != old.resync_interval:
             self._next_resync = time.monotonic() + self._interval(config)
+        if config.metrics != old.metrics:
+            try:
+                self._serve_metrics(config)
+            except OSError as e:
+                message = f"metrics.listen {config.metrics}: cannot listen: {e.strerror or e}"
+                log.error("%s; no metrics until a reload with another address", message)
+                self._record_error(message)
         log.info("config %s loaded: roles %s, %d services", self.config_path,
                  ", ".join(config.roles), len(config.services))
         return "applied", []
@@ -460,6 +508,18 @@ class Daemon:
     def _pass(self, converger: Converger, work: Work) -> None:
         causes, parts = work.causes, set(work.parts)
         explicit = "reload" in causes
+        if "down" in causes:
+            self._down(converger, work)
+            return
+        if self.snap.held_down_since is not None and not explicit:
+            # Held down: events, timers and file edits change nothing until a reload; the
+            # tunnel is still watched (a read), so status and metrics follow it.
+            if "file" in causes:
+                self.files.rewatch()
+            if causes & {"netlink", "overflow"}:
+                self._note_tunnel(converger.netlink.host_facts())
+                self._publish(None)
+            return
         file_moved = "file" in causes or ("timer" in causes and self._file_sig_now() != self._file_sig)
         if "file" in causes:
             self.files.rewatch()  # the directory may be a new one
@@ -467,6 +527,8 @@ class Daemon:
         problems: list[str] = []
         if explicit or file_moved:
             outcome, problems = self._reload(explicit)
+            if outcome in ("applied", "rejected"):
+                self.snap.reloads["ok" if outcome == "applied" else "rejected"] += 1
             if outcome == "applied":
                 parts |= ALL_PARTS
             elif outcome == "rejected":
@@ -475,6 +537,12 @@ class Daemon:
                 for w in work.waiters:
                     w.resolve(reply)
                 work.waiters = []
+        if self.snap.held_down_since is not None:
+            if outcome == "applied":
+                log.info("the hold of `tagroutectl down` is released by the reload: converging again")
+                self.snap.held_down_since = None
+            else:
+                parts = set()  # a rejected file keeps the host down, as it found it
         if not parts:
             if outcome in ("applied", "rejected") and self.snap.ready:
                 self.notifier.ready(self._status_line())  # ends RELOADING=1
@@ -491,6 +559,8 @@ class Daemon:
             self._passing = False
         elapsed = time.perf_counter() - t0
         self._echo_until = time.monotonic() + ECHO_WINDOW
+        if self.metrics is not None:
+            self.metrics.observe_pass(elapsed)
         reason = self._reason(result, config, outcome == "applied", "overflow" in causes)
         self._record(result, reason, parts, elapsed, causes)
         if result.backend and (FIREWALL in parts or "timer" in causes):
@@ -546,6 +616,9 @@ class Daemon:
             self.snap.last_change = {"time": now, "message": result.changes[-1].message, "reason": reason}
             if reason in ("drift", "resync"):
                 self.snap.repairs += len(result.changes)
+                for change in result.changes:
+                    by_object = self.snap.repairs_by_object
+                    by_object[change.object] = by_object.get(change.object, 0) + 1
         notes = set(result.notes)
         for note in result.notes:
             if note not in self._last_notes:
@@ -561,9 +634,20 @@ class Daemon:
         for part in parts:
             self._part_ok[part] = result.ok
         self.snap.in_sync = all(self._part_ok.values())
+        self._note_tunnel(result.facts)
+        if result.errors:
+            self._failed("; ".join(result.errors))
+        elif self.snap.in_sync:  # a pass that skipped the failing part has not recovered it
+            self._backoff = FIRST_RETRY
+            self._retry_at = None
+            if self._last_error_text is not None:
+                log.info("recovered: in sync again")
+            self._last_error_text = None
+
+    def _note_tunnel(self, facts: HostFacts) -> None:
         tun = tunnel_interface(self.config)
         if tun:
-            link = result.facts.link(tun)
+            link = facts.link(tun)
             up = link is not None and link.up
             if up != self.snap.tunnel_up:
                 if self.snap.tunnel_up is not None or not up:
@@ -573,14 +657,6 @@ class Daemon:
                         log.warning("tunnel %s is %s: tagged replies meet the unreachable fallback",
                                     tun, "down" if link else "gone")
                 self.snap.tunnel_up = up
-        if result.errors:
-            self._failed("; ".join(result.errors))
-        elif self.snap.in_sync:  # a pass that skipped the failing part has not recovered it
-            self._backoff = FIRST_RETRY
-            self._retry_at = None
-            if self._last_error_text is not None:
-                log.info("recovered: in sync again")
-            self._last_error_text = None
 
     def _log_change(self, change: Change, reason: str) -> None:
         extra = fields(TAGROUTED_ACTION=change.action, TAGROUTED_OBJECT=change.object,
@@ -613,6 +689,47 @@ class Daemon:
             self.snap.counters = converger.backend(result.backend).counters(result.desired.firewall)
         except Exception as e:  # counters are informative: never fail a pass over them
             log.debug("reading counters failed: %s", e)
+
+    def _down(self, converger: Converger, work: Work) -> None:
+        """`tagroutectl down`: remove everything we own, restore the sysctls, and stay down."""
+        t0 = time.perf_counter()
+        result = converger.converge(None, self.config.tag)
+        elapsed = time.perf_counter() - t0
+        now = time.time()
+        for change in result.changes:
+            self._log_change(change, "down")
+        if result.changes:
+            self.snap.last_change = {"time": now, "message": result.changes[-1].message, "reason": "down"}
+        self.snap.passes += 1
+        self.snap.last_converge = {"time": now, "trigger": "+".join(sorted(work.causes)),
+                                   "reason": "down" if result.changes else None,
+                                   "duration_ms": round(elapsed * 1000, 3),
+                                   "changes": len(result.changes), "parts": sorted(ALL_PARTS)}
+        if self.snap.held_down_since is None:
+            self.snap.held_down_since = now
+        self.snap.counters = {}  # the rules that counted are gone
+        self._note_tunnel(result.facts)
+        self._part_ok = dict.fromkeys(ALL_PARTS, False)  # the release pass re-checks everything
+        self.snap.in_sync = False
+        self._retry_at = None  # nothing is retried while held down
+        self._backoff = FIRST_RETRY
+        self._last_desired = self._last_links = None
+        for error in result.errors:
+            log.error("tagroutectl down: %s", error)
+        if result.errors:
+            self._record_error("down: " + "; ".join(result.errors))
+        log.warning("held down by `tagroutectl down`: nothing is applied until `tagroutectl apply`, "
+                    "`tagroutectl reload`, SIGHUP or a restart")
+        reply: dict[str, Any] = {"ok": True, "changes": [c.message for c in result.changes],
+                                 "notes": list(result.notes)}
+        if result.errors:
+            reply["apply_errors"] = list(result.errors)
+        for w in work.waiters:
+            w.resolve(reply if w.command == "down" else {
+                "ok": False, "errors": ["a `tagroutectl down` came at the same time: everything is "
+                                        "removed and held down; run this again to bring it back"]})
+        self._publish(result)
+        self.notifier.status(self._status_line())
 
     def _on_stop(self, converger: Converger, work: Work) -> None:
         for w in work.waiters:
@@ -654,6 +771,10 @@ class Daemon:
             parts.append("last change " + time.strftime("%H:%M:%S", time.localtime(s.last_change["time"])))
         if self._config_errors:
             parts.append("config on disk rejected")
+        if s.held_down_since is not None:
+            parts[0] = ("HELD DOWN by tagroutectl down since "
+                        + time.strftime("%H:%M:%S", time.localtime(s.held_down_since))
+                        + ": nothing applied until reload")
         if s.last_error and (not s.in_sync or self._config_errors):
             parts.append(f"last error: {s.last_error['message']}")
         return "; ".join(parts)[:400]
@@ -680,10 +801,15 @@ class Daemon:
             "tunnel_interface": tunnel_interface(config),
             "tunnel_up": s.tunnel_up,
             "ready": s.ready,
-            "in_sync": s.in_sync and s.ready,
+            "in_sync": s.in_sync and s.ready and s.held_down_since is None,
             "last_converge": s.last_converge,
             "last_change": s.last_change,
             "repairs": s.repairs,
+            "repairs_by_object": dict(s.repairs_by_object),  # copies: the worker goes on counting
+            "reloads": dict(s.reloads),
+            "held_down": s.held_down_since is not None,
+            "held_down_since": s.held_down_since,
+            "metrics_listen": str(config.metrics) if config.metrics else None,
             "last_error": s.last_error,
             "config_errors": list(self._config_errors),
             "services": services,

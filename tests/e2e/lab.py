@@ -25,7 +25,7 @@ Combined layout (layout="combined"): the remote is a VPS running the VPN server 
 router of home-router.yaml (vpn-client + service, 192.168.100.2, the service runs there; `web`
 is that namespace). The ISP's NAT box stays upstream as `homerouter`. vps.yaml and
 home-router.yaml are a pair (services at 192.168.100.2 / fd00:100::2). Every example file
-serves the lab unchanged.
+serves the lab unchanged; the lab's copy adds only `metrics.listen` (scraped with `metrics()`).
 
 Tunnel: OpenVPN (TLS, tls-auth, `mode server`, client-config-dir with `iroute`, `route`/`push`)
 on udp 1194, or WireGuard through wireguard-go on the same port; the client dials
@@ -55,6 +55,7 @@ for _p in (str(HERE), str(HERE.parent)):  # peer_echo, nslab: also when run as a
         sys.path.insert(0, _p)
 
 import peer_echo  # noqa: E402 - found through the path set just above
+from daemon_harness import scrape  # noqa: E402
 from nslab import Netns, veth, wait_for  # noqa: E402
 
 REPO = HERE.parents[1]
@@ -69,6 +70,7 @@ HOME_WAN4, HOME_WAN6 = "203.0.113.2", "2001:db8:b::2"
 LANHOST4, LANHOST6 = "192.168.100.4", "fd00:100::4"
 VPN_PORT = 1194
 TLS_PORT, UDP_PORT = 443, 7000          # configured in the example files
+METRICS_LISTEN = "127.0.0.1:9542"       # added to each host's copy of its example
 SPARE_TLS_PORT, SPARE_UDP_PORT = 8443, 7001   # the service listens here too; not configured
 
 Variant = Literal["openvpn", "wireguard"]
@@ -311,7 +313,8 @@ class Lab:
         for d in ("etc", "run", "log", "vpn"):
             (self.tmp / d).mkdir()
         for host, example in self.examples.items():
-            text = (EXAMPLES / example).read_text()
+            # Each host is a namespace of its own: the same loopback port serves on every one.
+            text = (EXAMPLES / example).read_text() + f'metrics: {{listen: "{METRICS_LISTEN}"}}\n'
             if self.backend:
                 text = text.rstrip("\n") + f"\nfirewall: {{backend: {self.backend}}}\n"
             path = self.tmp / "etc" / f"{host}.yaml"
@@ -595,6 +598,10 @@ verb 3
                     proc.wait(timeout=5)
             if remove_state:
                 self.tagroutectl(host, "down", check=True)
+
+    def metrics(self, host: str) -> dict[str, float]:
+        """The host's tagrouted metrics, scraped from inside its namespace and parsed."""
+        return scrape(self.ns(host), METRICS_LISTEN)
 
     def journal(self, host: str) -> list[str]:
         path = self.log(f"{host}-tagrouted")
