@@ -153,7 +153,7 @@ def _check_socket_file(run_dir: str, path: str) -> None:
     try:
         fd = open_run_dir(run_dir, create=False)
     except NoRunDir:
-        raise NoDaemon(f"no run directory {os.path.abspath(run_dir)}") from None
+        raise NotListening(f"no run directory {os.path.abspath(run_dir)}") from None
     except RunDirDenied as e:
         raise NoDaemon(str(e)) from None
     except RunDirError as e:
@@ -161,7 +161,7 @@ def _check_socket_file(run_dir: str, path: str) -> None:
     try:
         st = os.lstat(SOCKET_NAME, dir_fd=fd)
     except FileNotFoundError:
-        raise NoDaemon(f"no control socket at {path}") from None
+        raise NotListening(f"no control socket at {path}") from None
     finally:
         os.close(fd)
     if not stat.S_ISSOCK(st.st_mode):
