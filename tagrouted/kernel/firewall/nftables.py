@@ -141,7 +141,7 @@ def parse_table(doc: Any) -> KernelNft:
         if not isinstance(item, dict):
             continue
         for kind, v in item.items():
-            if not isinstance(v, dict) or (kind != "metainfo" and v.get("table", v.get("name")) is None):
+            if not isinstance(v, dict):
                 continue
             if kind == "table":
                 exists = exists or (v.get("name") == TABLE_NAME and v.get("family") == TABLE_FAMILY)
