@@ -68,13 +68,15 @@ def run_dir_held(run_dir: str) -> str | None:
     """" (pid N)" when a daemon holds the run directory's lock (its socket may not answer yet,
     or no longer, while it starts or stops); None when nobody does."""
     try:
-        fd = os.open(os.path.join(run_dir, LOCK_NAME), os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(os.path.join(run_dir, LOCK_NAME), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return _holder(run_dir)
+        with contextlib.suppress(OSError, ValueError):
+            return f" (pid {int(os.read(fd, 64).strip())})"
+        return ""
     except OSError:
         return None
     finally:

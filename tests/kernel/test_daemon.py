@@ -599,13 +599,13 @@ METRICS = 'metrics: {listen: "127.0.0.1:9542"}\n'
 
 
 def test_metrics_follow_the_tunnel_repairs_and_reloads(host: Host) -> None:
-    host.config.write_text(BASE + METRICS)
+    host.config.write_text(host.base + METRICS)
     d = host.daemon()
     d.wait_ready()
     m = scrape(host.ns, "127.0.0.1:9542")  # parsed by prometheus_client.parser
     assert m["tagrouted_in_sync"] == 1 and m["tagrouted_held_down"] == 0
     assert m['tagrouted_tunnel_up{interface="tun0"}'] == 1
-    assert m[f'tagrouted_build_info{{backend="iptables-legacy",version="{d.status()["version"]}"}}'] == 1
+    assert m[f'tagrouted_build_info{{backend="{host.backend}",version="{d.status()["version"]}"}}'] == 1
     for name in ("web", "echo", "web6"):
         assert m[f'tagrouted_service_packets_total{{service="{name}"}}'] == 0
         assert m[f'tagrouted_service_bytes_total{{service="{name}"}}'] == 0
@@ -622,44 +622,46 @@ def test_metrics_follow_the_tunnel_repairs_and_reloads(host: Host) -> None:
     wait_for(lambda: metric('tagrouted_tunnel_up{interface="tun0"}') == 1, what="tunnel_up 1 again")
     wait_for(lambda: metric("tagrouted_in_sync") == 1, what="in sync after the flap")
 
-    host.ns.run("ip rule del fwmark 42 lookup 42 pref 1042")
+    host.ns.run("ip rule del pref 1042")
     wait_for(lambda: metric('tagrouted_repairs_total{object="rule"}') >= 1, what="the rule's repair counted")
-    host.ns.run("iptables-legacy -t filter -F TAGROUTED-FORWARD")
+    host.ns.run(FLUSH[host.backend][0])
     wait_for(lambda: metric('tagrouted_repairs_total{object="chain"}') >= 1, what="the chain's repair counted")
     assert metric('tagrouted_repairs_total{object="route"}') == 0, "a flap is no repair"
 
-    host.config.write_text(BASE.replace("port: 7000", "port: 70000") + METRICS)
+    host.config.write_text(host.base.replace("port: 7000", "port: 70000") + METRICS)
     assert d.ctl("reload").returncode == 1
     m = scrape(host.ns, "127.0.0.1:9542")
     assert m['tagrouted_reloads_total{result="rejected"}'] >= 1, "the file edit or the reload"
     assert m['tagrouted_reloads_total{result="ok"}'] == 0
-    host.config.write_text(with_service(BASE, NEW_SERVICE) + METRICS)
+    host.config.write_text(with_service(host.base, NEW_SERVICE) + METRICS)
     assert d.ctl("reload").returncode == 0
     m = scrape(host.ns, "127.0.0.1:9542")
     assert m['tagrouted_reloads_total{result="ok"}'] >= 1
     assert m['tagrouted_service_packets_total{service="admin"}'] == 0, "the new service is exported"
 
 
+@one_backend
 def test_metrics_listen_on_ipv6_a_unix_socket_and_move_on_reload(host: Host) -> None:
-    host.config.write_text(BASE + 'metrics: {listen: "[::1]:9543"}\n')
+    host.config.write_text(host.base + 'metrics: {listen: "[::1]:9543"}\n')
     d = host.daemon()
     d.wait_ready()
     assert scrape(host.ns, "[::1]:9543")["tagrouted_in_sync"] == 1
     sock = host.run_dir / "metrics.sock"
-    host.config.write_text(BASE + f"metrics: {{listen: {sock}}}\n")
+    host.config.write_text(host.base + f"metrics: {{listen: {sock}}}\n")
     assert d.ctl("reload").returncode == 0
     assert scrape(host.ns, str(sock))["tagrouted_in_sync"] == 1
     assert d.status()["metrics_listen"] == str(sock)
     with pytest.raises(RuntimeError, match="Connection refused"):
         scrape(host.ns, "[::1]:9543")  # the old listener is closed
-    host.config.write_text(BASE)  # metrics off
+    host.config.write_text(host.base)  # metrics off
     assert d.ctl("reload").returncode == 0
     assert not sock.exists() and d.status()["metrics_listen"] is None
     assert d.stop() == 0
 
 
+@one_backend
 def test_metrics_address_in_use_stops_the_start(host: Host) -> None:
-    host.config.write_text(BASE + METRICS)
+    host.config.write_text(host.base + METRICS)
     first = host.daemon()
     first.wait_ready()
     second_run = host.run_dir.parent / "run2"
@@ -675,14 +677,14 @@ def test_metrics_address_in_use_stops_the_start(host: Host) -> None:
 # ---- one owner of the kernel state: apply and down with a daemon running ---------------------
 def test_down_with_a_daemon_stays_down_until_apply_or_sighup(host: Host) -> None:
     pristine = host.snapshot()
-    host.config.write_text(BASE + METRICS)
+    host.config.write_text(host.base + METRICS)
     d = host.daemon(watchdog_usec=400_000)
     d.wait_ready()
     assert host.in_place()
 
     res = d.ctl("down")
     assert res.returncode == 0, res
-    assert "removed rule fwmark 0x2a lookup 42 pref 1042" in res.stdout
+    assert "removed rule fwmark 0x2a/0xff lookup 42 pref 1042" in res.stdout
     assert f"held down: tagrouted (pid {d.pid})" in res.stdout
     assert host.snapshot() == pristine, "everything removed, sysctls restored"
     down = d.changes("down")
@@ -695,7 +697,7 @@ def test_down_with_a_daemon_stays_down_until_apply_or_sighup(host: Host) -> None
              what="tunnel_up 0 while held down")
     host.ns.run("ip link set tun0 up")
     wait_for(lambda: d.status()["tunnel_up"] is True, what="tunnel up again in status while held down")
-    host.config.write_text(with_service(BASE, NEW_SERVICE) + METRICS)
+    host.config.write_text(with_service(host.base, NEW_SERVICE) + METRICS)
     pings = d.notified().count("WATCHDOG=1")
     d.wait_notified("WATCHDOG=1", count=pings + 10, timeout=30)  # >= 2 s: several resync intervals
     assert host.snapshot() == pristine
@@ -714,7 +716,7 @@ def test_down_with_a_daemon_stays_down_until_apply_or_sighup(host: Host) -> None
     # `apply` brings it back through the daemon, with the edited file.
     res = d.ctl("apply")
     assert res.returncode == 0, res
-    assert "added rule fwmark 0x2a lookup 42 pref 1042" in res.stdout
+    assert "added rule fwmark 0x2a/0xff lookup 42 pref 1042" in res.stdout
     assert f"applied by the running tagrouted (pid {d.pid})" in res.stderr
     assert host.in_place() and "--dport 2222" in forward_rules(host)
     status = d.status()
@@ -738,7 +740,7 @@ def test_apply_with_a_daemon_is_carried_out_by_the_daemon(host: Host) -> None:
     assert f"applied by the running tagrouted (pid {d.pid})" in res.stderr
 
     # The file watch may have applied the edit already; either way apply returns once it is in.
-    host.config.write_text(with_service(BASE, NEW_SERVICE))
+    host.config.write_text(with_service(host.base, NEW_SERVICE))
     res = d.ctl("apply")
     assert res.returncode == 0, res
     assert "--dport 2222" in forward_rules(host)
@@ -747,14 +749,14 @@ def test_apply_with_a_daemon_is_carried_out_by_the_daemon(host: Host) -> None:
 
     # A broken file: refused by the daemon, its state kept.
     before = host.snapshot()
-    host.config.write_text(BASE.replace("port: 7000", "port: 70000"))
+    host.config.write_text(host.base.replace("port: 7000", "port: 70000"))
     res = d.ctl("apply")
     assert res.returncode == 1 and f"{host.config}:4: services[1].port" in res.stderr, res
     assert "apply rejected" in res.stderr and host.snapshot() == before
 
     # Another file than the daemon's: refused, nothing touched.
     other = host.cfg_dir / "other.yaml"
-    other.write_text(BASE)
+    other.write_text(host.base)
     res = host.ns.run([TAGROUTECTL, "--config", str(other), "--run-dir", str(host.run_dir), "apply"], check=False)
     assert res.returncode == 1 and f"runs {host.config}, not {other}" in res.stderr, res
     assert host.snapshot() == before
@@ -780,6 +782,7 @@ def test_a_daemon_holding_the_run_directory_without_answering_is_not_fought(host
     answers: apply and down refuse rather than write beside it."""
     pristine = host.snapshot()
     host.run_dir.mkdir()
+    host.run_dir.chmod(0o700)  # a run directory tagrouted trusts: root's, 0700
     lock = os.open(host.run_dir / "tagrouted.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
