@@ -27,6 +27,7 @@ rule text (which nft normalises differently from version to version).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 
@@ -61,8 +62,8 @@ class NftElement:
     def text(self) -> str:
         return self.key if self.value is None else f"{self.key} : {self.value}"
 
-    @property
-    def comment(self) -> str:
+    @functools.cached_property
+    def comment(self) -> str:  # cached: a diff compares thousands of them (bench_nftables)
         d = digest(self.text)
         return f"{self.label[:MAX_LABEL]} {d}" if self.label else d
 
@@ -98,7 +99,7 @@ class NftSet:
 class NftRule:
     text: str
 
-    @property
+    @functools.cached_property
     def comment(self) -> str:
         return digest(self.text)
 
@@ -206,8 +207,10 @@ _CHAINS = (  # name, type, hook, priority, in this order in the table
 )
 
 
+@functools.lru_cache(maxsize=4)
 def nft_table(intent: FirewallIntent) -> NftTable:
-    """The whole table the intent needs (every object only when something uses it)."""
+    """The whole table the intent needs (every object only when something uses it). Pure, so
+    cached: the daemon renders the same intent on every firewall pass (12 ms at 1000 services)."""
     b = _Builder()
     mask = intent.mark_mask
     counted: dict[Family, list[tuple[str, Exposed]]] = {4: [], 6: []}
