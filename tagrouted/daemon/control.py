@@ -113,7 +113,10 @@ def request(run_dir: str, payload: dict[str, Any], timeout: float = 5) -> dict[s
             raise Untrusted(f"the process answering on {path} runs as uid {uid}, not root: "
                             "not tagrouted; its answer is not believed")
         try:
-            sock.sendall(json.dumps(payload).encode() + b"\n")
+            with contextlib.suppress(BrokenPipeError):
+                # a daemon that refuses at once (peer credentials) may have answered and closed
+                # before the request is sent: its answer still waits to be read
+                sock.sendall(json.dumps(payload).encode() + b"\n")
             data = _read_line(sock, MAX_LINE * 64)
         except TimeoutError:
             raise NoDaemon(f"no answer on {path} within {timeout:g}s") from None
