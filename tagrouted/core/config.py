@@ -855,6 +855,14 @@ class _Checker:
             return None
         return v
 
+    def name(self, node: _Node, path: str) -> str | None:
+        """A service's or a path's name: letters, digits, '_', '.' or '-' (it names nft counters)."""
+        name = self.string(node, path, "a name")
+        if name is not None and not _NAME_RE.fullmatch(name):
+            self.bad(node, path, f"{name!r}: a name is letters, digits, '_', '.' or '-'")
+            return None
+        return name
+
     def choice(self, node: _Node, path: str, choices: tuple[str, ...]) -> str | None:
         v = self.string(node, path, " or ".join(choices))
         if v is not None and v not in choices:
@@ -1098,13 +1106,7 @@ class _Checker:
         if entries is None:
             return None
         ok = all(k in entries for k, required in _PATH_KEYS.items() if required)
-        name: str | None = None
-        if "name" in entries:
-            vnode = entries["name"][1]
-            name = self.string(vnode, _key(path, "name"), "a name")
-            if name is not None and not _NAME_RE.fullmatch(name):
-                self.bad(vnode, _key(path, "name"), f"{name!r}: a name is letters, digits, '_', '.' or '-'")
-                name = None
+        name = self.name(entries["name"][1], _key(path, "name")) if "name" in entries else None
         numbers: dict[str, int] = {}
         for key in ("dscp", "mark", "table", "priority"):
             if key in entries:
@@ -1158,11 +1160,7 @@ class _Checker:
         to_port: int | None = None
         ok = True
         if "name" in entries:
-            vnode = entries["name"][1]
-            name = self.string(vnode, _key(path, "name"), "a name")
-            if name is not None and not _NAME_RE.fullmatch(name):
-                self.bad(vnode, _key(path, "name"), f"{name!r}: a name is letters, digits, '_', '.' or '-'")
-                name = None
+            name = self.name(entries["name"][1], _key(path, "name"))
         if "proto" in entries:
             proto = self.choice(entries["proto"][1], _key(path, "proto"), ("tcp", "udp"))
         if "port" in entries:

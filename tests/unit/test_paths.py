@@ -9,21 +9,13 @@ form still means exactly one path, the tag.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
+from test_config import parser, problems_of  # noqa: F401 - `parser`: every test under both YAML parsers
 
-from tagrouted.core import config as config_module
-from tagrouted.core.config import (
-    DEFAULT_PATH,
-    ConfigError,
-    ConfigProblem,
-    TagPath,
-    load_config,
-    parse_config,
-)
+from tagrouted.core.config import DEFAULT_PATH, TagPath, load_config, parse_config
 from tagrouted.core.desired import assumed_facts, desired_state, named_interfaces
 from tagrouted.core.iptables_rules import legacy_chains, path_counted_rules
 from tagrouted.core.nft_rules import nft_table, path_counter_name
@@ -35,24 +27,6 @@ EXAMPLES = REPO / "etc" / "tagrouted" / "examples"
 VPN_CLIENT = EXAMPLES / "vpn-client-multipath.yaml"
 WEB = EXAMPLES / "web-service-multipath.yaml"
 VPS = EXAMPLES / "vps-wireguard.yaml"
-
-
-@pytest.fixture(params=["libyaml", "python"], autouse=True)
-def parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Every test runs with both YAML parsers: they must report the same lines and paths."""
-    if request.param == "libyaml":
-        import yaml
-
-        if not yaml.__with_libyaml__:
-            pytest.skip("PyYAML without libyaml")
-    monkeypatch.setattr(config_module, "USE_LIBYAML", request.param == "libyaml")
-    yield request.param
-
-
-def problems_of(text: str) -> list[ConfigProblem]:
-    with pytest.raises(ConfigError) as info:
-        parse_config(text, "t.yaml")
-    return info.value.problems
 
 
 A = "{name: a, dscp: 42, mark: 42, table: 42, priority: 1042, tunnel_interface: tun0}"
