@@ -53,7 +53,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_INVALID
-    print(f"{args.config}: valid (roles: {', '.join(config.roles)}; {len(config.services)} services)")
+    paths = f"; {len(config.paths)} paths ({', '.join(p.name for p in config.paths)})" if config.paths else ""
+    print(f"{args.config}: valid (roles: {', '.join(config.roles)}; {len(config.services)} services{paths})")
     return EXIT_OK
 
 

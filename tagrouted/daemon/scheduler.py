@@ -601,9 +601,10 @@ class Daemon:
             if up:
                 log.info("tunnel %s is up", tun)
             elif tun in by_tunnel:
-                log.warning("tunnel %s is %s: tagged replies of path %s meet its unreachable fallback; "
-                            "the other paths keep working", tun, "down" if link else "gone",
-                            ", ".join(by_tunnel[tun]))
+                others = len(config.paths) > len(by_tunnel[tun])
+                log.warning("tunnel %s is %s: tagged replies of path %s meet its unreachable fallback%s",
+                            tun, "down" if link else "gone", ", ".join(by_tunnel[tun]),
+                            "; the other paths keep working" if others else "")
             else:
                 log.warning("tunnel %s is %s: tagged replies meet the unreachable fallback",
                             tun, "down" if link else "gone")
