@@ -71,13 +71,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_INVALID
-    print(f"{args.config}: valid (roles: {', '.join(config.roles)}; {len(config.services)} services)")
+    paths = f"; {len(config.paths)} paths ({', '.join(p.name for p in config.paths)})" if config.paths else ""
+    print(f"{args.config}: valid (roles: {', '.join(config.roles)}; {len(config.services)} services{paths})")
     return EXIT_OK
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from .core.desired import assumed_facts, desired_state
-    from .core.plan import plan_lines
+    from .core.plan import path_lines, plan_lines
     from .kernel.firewall import choose
 
     config = _load(args.config)
@@ -89,6 +90,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"# tagrouted plan for {args.config} (roles: {', '.join(config.roles)})")
     print(f"# firewall backend: {choice.backend} ({choice.why})")
     print(f"# assuming these interfaces are present: {', '.join(link.name for link in facts.links)}")
+    for line in path_lines(config):
+        print(line)
     for note in state.notes:
         print(f"# note: {note}")
     for line in plan_lines(state, choice.backend):
@@ -242,15 +245,17 @@ def cmd_down(args: argparse.Namespace) -> int:
     from .core.config import ConfigError, Tag, load_config
     from .kernel.converge import Converger
 
+    paths = None
     try:
-        tag = load_config(args.config).tag
+        config = load_config(args.config)
+        tag, paths = config.tag, config.tag_paths()  # every path's brand, beyond the recorded ones
     except (ConfigError, OSError, ValueError):
         tag = Tag()  # a broken or missing file must not keep `down` from cleaning up
     converger = _converger(args.run_dir)
     if not isinstance(converger, Converger):
         return EXIT_INVALID
     with converger:
-        return _report(converger.converge(None, tag))
+        return _report(converger.converge(None, tag, paths=paths))
 
 
 def cmd_status(args: argparse.Namespace) -> int:

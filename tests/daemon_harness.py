@@ -262,3 +262,25 @@ class DaemonProc:
         if res.returncode != 0:
             raise AssertionError(f"tagroutectl status -> {res.returncode}: {res.stderr}")
         return json.loads(res.stdout)
+
+
+# Writes 3 IPv4 TCP SYNs to 192.168.100.3:443 from 203.0.113.7 into the tun device named argv[1]
+# ("from the tunnel side": what a public server forwards home through it). Run it in the host's
+# namespace: `ns.popen([sys.executable, "-c", TUN_WRITER, "tun0"])`.
+TUN_WRITER = r"""
+import fcntl, os, struct, socket, sys
+TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454ca, 0x0001, 0x1000
+fd = os.open("/dev/net/tun", os.O_RDWR)
+fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", sys.argv[1].encode(), IFF_TUN | IFF_NO_PI))
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b)); s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return ~s & 0xffff
+src, dst = socket.inet_aton("203.0.113.7"), socket.inet_aton("192.168.100.3")
+tcp = struct.pack("!HHIIBBHHH", 40000, 443, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
+tcp = tcp[:16] + struct.pack("!H", csum(src + dst + struct.pack("!BBH", 0, 6, len(tcp)) + tcp)) + tcp[18:]
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0, 64, 6, 0, src, dst)
+ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+for _ in range(3):
+    os.write(fd, ip + tcp)
+"""

@@ -2,7 +2,8 @@
 
 Pure: a function of the intent, no I/O. Services live in sets and maps (one lookup per packet
 whatever their number), per-service counters are named counter objects reached through an
-object map, so a reload that keeps a service keeps its counts.
+object map, so a reload that keeps a service keeps its counts. Each path (the single-path form's
+`default` too) counts its requests and replies in two named counters its tagging rules end with.
 
 Base chains and why their priorities (numbers as nft prints them; `mangle` is -150):
 - `prerouting`  filter/prerouting  mangle + 10 (-140): the VPN client's DSCP stamp on what leaves
@@ -143,6 +144,15 @@ def counter_name(service: str) -> str:
     return f"svc_{service}"
 
 
+PATH_COUNTS = ("requests", "replies")
+
+
+def path_counter_name(path: str, what: str) -> str:
+    """The named counter of a path's `requests` (tagged on the way in) or `replies` (sent back
+    through it); path names are letters, digits, '_', '.', '-'."""
+    return f"path_{path}_{what}"
+
+
 def _ports(span: tuple[int, int]) -> str:
     return str(span[0]) if span[0] == span[1] else f"{span[0]}-{span[1]}"
 
@@ -154,7 +164,7 @@ def _endpoint_key(address: str, e: Exposed, public: bool) -> str:
 def _counted(text: str) -> str:
     """The rule with a counter: before its verdict (or dnat, also terminal), or after its last
     statement."""
-    if text.startswith("counter "):
+    if text.startswith("counter ") or "counter name " in text:
         return text  # a named counter already counts
     head, dnat, tail = text.partition(" dnat ")
     if dnat:
@@ -187,6 +197,14 @@ class _Builder:
     def rule(self, chain: str, text: str) -> None:
         self.chain_rules.setdefault(chain, {}).setdefault(_counted(text), None)
 
+    def path_count(self, path: str, what: str) -> str:
+        """` counter name "path_P_what"` to end a rule with (nothing for an unnamed path)."""
+        if not path:
+            return ""
+        name = path_counter_name(path, what)
+        self.counters.setdefault(name, None)
+        return f' counter name "{name}"'
+
     def element(self, spec: NftSet, element: NftElement) -> None:
         self.sets.setdefault(spec.name, spec)
         keys = self.keys.setdefault(spec.name, set())
@@ -215,16 +233,23 @@ def nft_table(intent: FirewallIntent) -> NftTable:
     mask = intent.mark_mask
     counted: dict[Family, list[tuple[str, Exposed]]] = {4: [], 6: []}
 
+    # Each path counts its requests (tagged on the way in) and its replies (sent back through
+    # it) in named counters at the end of its tagging rules; on a vpn-client + service host the
+    # requests are counted where they leave the tunnel only.
+    stamped = {t.path for t in intent.tunnel_tags}
     for t in intent.tunnel_tags:
         ip = _IP[t.family]
-        b.rule("prerouting", f'iifname "{t.tunnel}" {ip} dscp set {t.dscp}')
-        b.rule("prerouting", f'iifname "{t.lan}" {ip} dscp {t.dscp} {_mark_set("meta mark", t.mark, mask)}')
+        b.rule("prerouting", f'iifname "{t.tunnel}" {ip} dscp set {t.dscp}{b.path_count(t.path, "requests")}')
+        b.rule("prerouting", f'iifname "{t.lan}" {ip} dscp {t.dscp} {_mark_set("meta mark", t.mark, mask)}'
+                             f'{b.path_count(t.path, "replies")}')
         b.rule("postrouting", f'oifname "{t.tunnel}" {ip} dscp set 0')
     for r in intent.reply_tags:
         ip = _IP[r.family]
-        b.rule("input", f"{ip} dscp {r.dscp} {_mark_set('ct mark', r.mark, mask)}")
+        requests = "" if r.path in stamped else b.path_count(r.path, "requests")
+        b.rule("input", f"{ip} dscp {r.dscp} {_mark_set('ct mark', r.mark, mask)}{requests}")
         # Restore only our bits: other tools' connmarks stay theirs.
-        b.rule("output", f"{_mark_is('ct mark', r.mark, mask)} {_mark_set('meta mark', r.mark, mask)}")
+        b.rule("output", f"{_mark_is('ct mark', r.mark, mask)} {_mark_set('meta mark', r.mark, mask)}"
+                         f"{b.path_count(r.path, 'replies')}")
         if r.stamp_dscp:
             b.rule("postrouting", f"{_mark_is('meta mark', r.mark, mask)} {ip} dscp set {r.dscp}")
 

@@ -205,6 +205,7 @@ class TunnelTagging:
     lan: str
     dscp: int
     mark: int
+    path: str = ""  # the path's name: its counters (none when empty)
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,7 @@ class ReplyTagging:
     dscp: int
     mark: int
     stamp_dscp: bool
+    path: str = ""  # the path's name: its counters (none when empty)
 
 
 @dataclass(frozen=True)

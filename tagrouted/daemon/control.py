@@ -121,7 +121,8 @@ def request(run_dir: str, payload: dict[str, Any], timeout: float = 5) -> dict[s
             raise Untrusted(f"the process answering on {path} runs as uid {uid}, not root: "
                             "not tagrouted; its answer is not believed")
         try:
-            # A refusal (peer credentials) comes before the request is read: still read it.
+            # A refusal (peer credentials) comes before the request is read, and the daemon may
+            # have answered and closed before the request is sent: its answer still waits.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 sock.sendall(json.dumps(payload).encode() + b"\n")
             data = _read_line(sock, MAX_LINE * 64)
@@ -240,6 +241,22 @@ def format_status(status: dict[str, Any]) -> str:
                         else f"{s['packets']} packets, {s['bytes']} bytes")
             lines.append(f"  {s.get('name', ''):<{width}}  {s.get('proto', '')}/{s.get('port', '')}"
                          f" -> {s.get('address', '')}  {counters}")
+    paths = status.get("paths") or []
+    if paths:
+        lines.append("paths:")
+        width = max(len(str(p.get("name", ""))) for p in paths)
+        for p in paths:
+            if p.get("tunnel"):
+                way = f"{p['tunnel']} {'up' if p.get('tunnel_up') else 'down'}"
+            else:
+                way = "via " + (", ".join(p.get("via") or []) or "-")
+            counts = "; ".join(f"{what} " + ("-" if not isinstance(c := p.get(what), dict)
+                                             else f"{c.get('packets')} packets, {c.get('bytes')} bytes")
+                               for what in ("requests", "replies"))
+            mark = p.get("mark")
+            mark = hex(mark) if isinstance(mark, int) else mark
+            tag = f"dscp {p.get('dscp')} mark {mark} table {p.get('table')}"
+            lines.append(f"  {p.get('name', ''):<{width}}  {tag}  {way}  {counts}")
     return "\n".join(lines)
 
 

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
-from ..core.config import Config, ConfigError, load_config, read_config_bytes
+from ..core.config import Config, ConfigError, TagPath, load_config, read_config_bytes
 from ..core.state import ROUTE_PROTO, Change, DesiredState, HostFacts
 from ..kernel.converge import ALL_PARTS, FIREWALL, ROUTING, SYSCTLS, Converger, ConvergeResult
 from ..kernel.firewall import IPTABLES_LEGACY, NFTABLES, Choice, choose
@@ -164,6 +164,8 @@ class _Snapshot:
     repairs_by_object: dict[str, int] = field(default_factory=dict)
     reloads: dict[str, int] = field(default_factory=lambda: {"ok": 0, "rejected": 0})
     held_down_since: float | None = None  # `tagroutectl down` took everything away at this time
+    tunnels_up: dict[str, bool] = field(default_factory=dict)  # each watched tunnel (paths)
+    path_counters: dict[str, dict[str, tuple[int, int] | None]] = field(default_factory=dict)
 
 
 def tunnel_interface(config: Config) -> str | None:
@@ -176,8 +178,22 @@ def tunnel_interface(config: Config) -> str | None:
     return None
 
 
+def path_tunnel(config: Config, path: TagPath) -> str | None:
+    """The tunnel of `path` on this host (a vpn-client's; none on a separate service host)."""
+    return path.tunnel_interface if config.has("vpn-client") else None
+
+
+def watched_tunnels(config: Config) -> list[str]:
+    """The tunnels whose state status reports: each path's on a vpn-client with `paths:`, else
+    the one of tunnel_interface()."""
+    if config.paths:
+        return list(dict.fromkeys(t for p in config.paths if (t := path_tunnel(config, p))))
+    tun = tunnel_interface(config)
+    return [tun] if tun else []
+
+
 def named_interfaces(config: Config) -> set[str]:
-    names = {tunnel_interface(config)}
+    names: set[str | None] = {tunnel_interface(config), *watched_tunnels(config)}
     if config.gateway:
         names.add(config.gateway.public_interface)
     if config.vpn_server:
@@ -312,7 +328,7 @@ class Daemon:
     # ---- pokes (any thread) ----------------------------------------------------------------
     def on_netlink(self, events: list[NlEvent]) -> None:
         """(netlink thread) Poke for what can change the desired state or undo ours."""
-        table = self.config.tag.table
+        tables = {p.table for p in self.config.tag_paths()}
         echo = self._passing or time.monotonic() < self._echo_until
         relevant = False
         for ev in events:
@@ -330,7 +346,7 @@ class Daemon:
             elif ev.kind == "addr":
                 relevant = True  # a gateway may become reachable for a `via` route
             else:
-                ours = ev.table == table or (ev.kind == "route" and ev.proto == ROUTE_PROTO)
+                ours = ev.table in tables or (ev.kind == "route" and ev.proto == ROUTE_PROTO)
                 relevant = relevant or (ours and not (ev.new and echo))
         if relevant:
             self.trigger.poke("netlink", {ROUTING, SYSCTLS}, NETLINK_GAP)
@@ -517,7 +533,7 @@ class Daemon:
             if "file" in causes:
                 self.files.rewatch()
             if causes & {"netlink", "overflow"}:
-                self._note_tunnel(converger.netlink.host_facts())
+                self._note_tunnels(converger.netlink.host_facts())
                 self._publish(None)
             return
         file_moved = "file" in causes or ("timer" in causes and self._file_sig_now() != self._file_sig)
@@ -634,7 +650,7 @@ class Daemon:
         for part in parts:
             self._part_ok[part] = result.ok
         self.snap.in_sync = all(self._part_ok.values())
-        self._note_tunnel(result.facts)
+        self._note_tunnels(result.facts)
         if result.errors:
             self._failed("; ".join(result.errors))
         elif self.snap.in_sync:  # a pass that skipped the failing part has not recovered it
@@ -644,19 +660,33 @@ class Daemon:
                 log.info("recovered: in sync again")
             self._last_error_text = None
 
-    def _note_tunnel(self, facts: HostFacts) -> None:
-        tun = tunnel_interface(self.config)
-        if tun:
+    def _note_tunnels(self, facts: HostFacts) -> None:
+        """Each watched tunnel's state, logged when it changes; tunnel_up: all of them up."""
+        config = self.config
+        by_tunnel: dict[str, list[str]] = {}
+        if config.paths:
+            for p in config.paths:
+                if (tun := path_tunnel(config, p)) is not None:
+                    by_tunnel.setdefault(tun, []).append(p.name)
+        was, now = self.snap.tunnels_up, {}
+        for tun in watched_tunnels(config):
             link = facts.link(tun)
-            up = link is not None and link.up
-            if up != self.snap.tunnel_up:
-                if self.snap.tunnel_up is not None or not up:
-                    if up:
-                        log.info("tunnel %s is up", tun)
-                    else:
-                        log.warning("tunnel %s is %s: tagged replies meet the unreachable fallback",
-                                    tun, "down" if link else "gone")
-                self.snap.tunnel_up = up
+            up = now[tun] = link is not None and link.up
+            if up == was.get(tun) or (was.get(tun) is None and up):
+                continue
+            if up:
+                log.info("tunnel %s is up", tun)
+            elif tun in by_tunnel:
+                others = len(config.paths) > len(by_tunnel[tun])
+                log.warning("tunnel %s is %s: tagged replies of path %s meet its unreachable fallback%s",
+                            tun, "down" if link else "gone", ", ".join(by_tunnel[tun]),
+                            "; the other paths keep working" if others else "")
+            else:
+                log.warning("tunnel %s is %s: tagged replies meet the unreachable fallback",
+                            tun, "down" if link else "gone")
+        self.snap.tunnels_up = now
+        if now:
+            self.snap.tunnel_up = all(now.values())
 
     def _log_change(self, change: Change, reason: str) -> None:
         extra = fields(TAGROUTED_ACTION=change.action, TAGROUTED_OBJECT=change.object,
@@ -686,7 +716,9 @@ class Daemon:
     def _read_counters(self, converger: Converger, result: ConvergeResult) -> None:
         try:
             assert result.backend is not None
-            self.snap.counters = converger.backend(result.backend).counters(result.desired.firewall)
+            backend = converger.backend(result.backend)
+            self.snap.counters = backend.counters(result.desired.firewall)
+            self.snap.path_counters = backend.path_counters(result.desired.firewall)
         except Exception as e:  # counters are informative: never fail a pass over them
             log.debug("reading counters failed: %s", e)
 
@@ -708,7 +740,7 @@ class Daemon:
         if self.snap.held_down_since is None:
             self.snap.held_down_since = now
         self.snap.counters = {}  # the rules that counted are gone
-        self._note_tunnel(result.facts)
+        self._note_tunnels(result.facts)
         self._part_ok = dict.fromkeys(ALL_PARTS, False)  # the release pass re-checks everything
         self.snap.in_sync = False
         self._retry_at = None  # nothing is retried while held down
@@ -740,7 +772,7 @@ class Daemon:
             return
         log.info("stopping; on_stop: remove: taking away everything tagrouted owns")
         try:
-            result = converger.converge(None, config.tag)
+            result = converger.converge(None, config.tag, paths=config.tag_paths())
         except Exception as e:
             log.exception("on_stop: remove failed: %s", e)
             self.exit_code = 1
@@ -763,7 +795,11 @@ class Daemon:
             head = "NOT in sync, retrying"
         parts = [head]
         tun = tunnel_interface(config)
-        if tun:
+        if config.paths and s.tunnels_up:
+            parts.append("paths " + ", ".join(
+                f"{p.name} {'up' if s.tunnels_up.get(t) else 'down'}"
+                for p in config.paths if (t := path_tunnel(config, p)) is not None))
+        elif tun:
             parts.append(f"tunnel {tun} {'up' if s.tunnel_up else 'down'}")
         parts.append(f"{len(config.services)} services")
         parts.append(f"{s.repairs} repairs")
@@ -789,6 +825,19 @@ class Daemon:
                 "name": svc.name, "proto": svc.proto, "port": str(svc.port), "address": str(svc.address),
                 "packets": counters[0] if counters else None, "bytes": counters[1] if counters else None,
             })
+        paths = []
+        if config.has("vpn-client") or config.has("service"):
+            for p in config.tag_paths():
+                tun = path_tunnel(config, p)
+                counts = s.path_counters.get(p.name) or {}
+                paths.append({
+                    "name": p.name, "dscp": p.dscp, "mark": p.mark, "table": p.table,
+                    "priority": p.priority, "tunnel": tun,
+                    "tunnel_up": s.tunnels_up.get(tun) if tun else None,
+                    "via": [str(v) for v in p.via] if tun is None else [],
+                    **{what: ({"packets": c[0], "bytes": c[1]} if (c := counts.get(what)) else None)
+                       for what in ("requests", "replies")},
+                })
         self._status = {
             "version": __version__,
             "pid": os.getpid(),
@@ -813,6 +862,9 @@ class Daemon:
             "last_error": s.last_error,
             "config_errors": list(self._config_errors),
             "services": services,
+            # one entry per path (issue 14): its tag, its tunnel here and whether it is up, and
+            # its counters (requests tagged on the way in, replies sent back through it)
+            "paths": paths,
             "passes": s.passes,
             "netlink_overflows": self.netlink.overflows,
             "resync_interval": config.resync_interval,

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon_harness import TAGROUTECTL, DaemonProc, scrape
+from daemon_harness import TAGROUTECTL, TUN_WRITER, DaemonProc, scrape
 from firewall_view import admits, firewall_snapshot, ours, with_backend
 from nslab import Netns, veth, wait_for
 
@@ -200,7 +200,7 @@ def test_counters_count_forwarded_packets(host: Host) -> None:
     # Loose rp_filter wants a way back to the source and an address on tun0 (as OpenVPN gives it).
     host.ns.run("ip route add default via 192.168.100.1 dev eth0")
     host.ns.run("ip addr add 10.8.0.2/24 dev tun0")
-    writer = host.ns.popen([sys.executable, "-c", TUN_WRITER], stdout=subprocess.DEVNULL)
+    writer = host.ns.popen([sys.executable, "-c", TUN_WRITER, "tun0"], stdout=subprocess.DEVNULL)
     assert writer.wait(20) == 0
 
     def counted() -> dict[str, object] | None:
@@ -215,26 +215,6 @@ def test_counters_count_forwarded_packets(host: Host) -> None:
         assert d.ctl("reload").returncode == 0
         kept = next(s for s in d.status()["services"] if s["name"] == "web")
         assert kept["packets"] >= web["packets"], (web, kept)
-
-
-# Writes 3 IPv4 TCP SYNs to 192.168.100.3:443 into tun0 (from the "tunnel side").
-TUN_WRITER = r"""
-import fcntl, os, struct, socket
-TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454ca, 0x0001, 0x1000
-fd = os.open("/dev/net/tun", os.O_RDWR)
-fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", b"tun0", IFF_TUN | IFF_NO_PI))
-def csum(b):
-    if len(b) % 2: b += b"\0"
-    s = sum(struct.unpack("!%dH" % (len(b) // 2), b)); s = (s >> 16) + (s & 0xffff); s += s >> 16
-    return ~s & 0xffff
-src, dst = socket.inet_aton("203.0.113.7"), socket.inet_aton("192.168.100.3")
-tcp = struct.pack("!HHIIBBHHH", 40000, 443, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
-tcp = tcp[:16] + struct.pack("!H", csum(src + dst + struct.pack("!BBH", 0, 6, len(tcp)) + tcp)) + tcp[18:]
-ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0, 64, 6, 0, src, dst)
-ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
-for _ in range(3):
-    os.write(fd, ip + tcp)
-"""
 
 
 # ---- the tunnel comes and goes -------------------------------------------------------------

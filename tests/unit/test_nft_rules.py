@@ -66,11 +66,12 @@ def rules(table: NftTable, chain: str) -> list[str]:
 
 def test_vpn_client_tags_marks_clears_and_admits() -> None:
     t = table_of(cfg("vpn-client", services=(WEB, WEB6), vpn_client=VpnClientSection("tun0", "eth0")))
+    # the tagging rules count into the path's named counters (requests in, replies back)
     assert rules(t, "prerouting") == [
-        'iifname "tun0" ip dscp set 42 counter',
-        'iifname "eth0" ip dscp 42 meta mark set meta mark and 0xffffff00 or 0x2a counter',
-        'iifname "tun0" ip6 dscp set 42 counter',
-        'iifname "eth0" ip6 dscp 42 meta mark set meta mark and 0xffffff00 or 0x2a counter']
+        'iifname "tun0" ip dscp set 42 counter name "path_default_requests"',
+        'iifname "eth0" ip dscp 42 meta mark set meta mark and 0xffffff00 or 0x2a counter name "path_default_replies"',
+        'iifname "tun0" ip6 dscp set 42 counter name "path_default_requests"',
+        'iifname "eth0" ip6 dscp 42 meta mark set meta mark and 0xffffff00 or 0x2a counter name "path_default_replies"']
     assert rules(t, "postrouting") == ['oifname "tun0" ip dscp set 0 counter',
                                        'oifname "tun0" ip6 dscp set 0 counter']
     fwd = rules(t, "forward")
@@ -79,7 +80,7 @@ def test_vpn_client_tags_marks_clears_and_admits() -> None:
 
     assert any("@admit6 counter accept" in r for r in fwd)
     assert t.set("admit4") is not None and [e.key for e in t.set("admit4").elements] == ["192.168.100.3 . tcp . 443"]
-    assert t.counters == ("svc_web", "svc_web6")
+    assert t.counters == ("path_default_requests", "path_default_replies", "svc_web", "svc_web6")
     assert {c.name: (c.type, c.hook, c.priority) for c in t.chains} == {
         "prerouting": ("filter", "prerouting", -140), "postrouting": ("filter", "postrouting", -140),
         "forward": ("filter", "forward", 0)}
@@ -88,14 +89,15 @@ def test_vpn_client_tags_marks_clears_and_admits() -> None:
 def test_service_host_restores_only_our_bits_and_stamps_dscp() -> None:
     via = ServiceSection(via=(ip_address("192.168.100.2"),))
     t = table_of(cfg("service", service=via))
-    assert rules(t, "input") == ["ip dscp 42 ct mark set ct mark and 0xffffff00 or 0x2a counter"]
+    assert rules(t, "input") == [
+        'ip dscp 42 ct mark set ct mark and 0xffffff00 or 0x2a counter name "path_default_requests"']
     assert rules(t, "output") == [
-        "ct mark and 0xff == 0x2a meta mark set meta mark and 0xffffff00 or 0x2a counter"]
+        'ct mark and 0xff == 0x2a meta mark set meta mark and 0xffffff00 or 0x2a counter name "path_default_replies"']
     assert rules(t, "postrouting") == ["meta mark and 0xff == 0x2a ip dscp set 42 counter"]
     output = next(c for c in t.chains if c.name == "output")
     assert output.type == "route", "a mark set on output must re-route the reply"
     full = table_of(cfg("service", service=via, tag=Tag(mark=0x100, mark_mask=0xFFFFFFFF)))
-    assert rules(full, "output") == ["ct mark 0x100 meta mark set 0x100 counter"]
+    assert rules(full, "output") == ['ct mark 0x100 meta mark set 0x100 counter name "path_default_replies"']
 
 
 def test_gateway_maps_dnat_and_admits_in_sets() -> None:
