@@ -96,6 +96,7 @@ def families(status: Mapping[str, Any]) -> list[Metric]:
             packets.add_metric([str(svc.get("name", ""))], svc["packets"])
             octets.add_metric([str(svc.get("name", ""))], svc.get("bytes") or 0)
     out += [packets, octets]
+    out += _path_families(status.get("paths") or [])
     repairs = CounterMetricFamily("tagrouted_repairs", "Changes made to put back what someone else "
                                   "changed (drift) or what lost netlink events hid (resync), by "
                                   "object.", labels=["object"])
@@ -116,6 +117,28 @@ def families(status: Mapping[str, Any]) -> list[Metric]:
                                    "each followed by a full resync.",
                                    value=status.get("netlink_overflows") or 0))
     return out
+
+
+def _path_families(paths: list[Mapping[str, Any]]) -> list[Metric]:
+    """Per path (several public servers; a single-path host has one, `default`): its tunnel
+    and the packets its tagging rules counted, requests in and replies back."""
+    up = GaugeMetricFamily("tagrouted_path_tunnel_up", "1 while the path's tunnel exists and is up "
+                           "(VPN client hosts).", labels=["path", "interface"])
+    packets = CounterMetricFamily("tagrouted_path_packets", "Packets the path's tagging rules "
+                                  "counted: requests (tagged on the way in) and replies (sent back "
+                                  "through the path).", labels=["path", "direction"])
+    octets = CounterMetricFamily("tagrouted_path_bytes", "Bytes the path's tagging rules counted.",
+                                 labels=["path", "direction"])
+    for path in paths:
+        name = str(path.get("name", ""))
+        if path.get("tunnel"):
+            up.add_metric([name, str(path["tunnel"])], 1 if path.get("tunnel_up") else 0)
+        for direction in ("requests", "replies"):
+            counted = path.get(direction)
+            if isinstance(counted, Mapping) and counted.get("packets") is not None:
+                packets.add_metric([name, direction], counted["packets"])
+                octets.add_metric([name, direction], counted.get("bytes") or 0)
+    return [up, packets, octets]
 
 
 class StatusCollector:

@@ -87,6 +87,23 @@ def test_no_tunnel_and_no_per_service_rules_export_no_such_series() -> None:
     assert not any(k.startswith(("tagrouted_tunnel_up", "tagrouted_service_")) for k in m), m
 
 
+def test_each_path_exports_its_tunnel_and_counts() -> None:
+    """Several public servers: each path's tunnel and what its tagging rules counted."""
+    paths = [
+        {"name": "server-a", "tunnel": "tun0", "tunnel_up": True,
+         "requests": {"packets": 27, "bytes": 3407}, "replies": {"packets": 17, "bytes": 5276}},
+        {"name": "server-b", "tunnel": "wg0", "tunnel_up": False,
+         "requests": {"packets": 5, "bytes": 600}, "replies": {"packets": None, "bytes": None}},
+    ]
+    m = scraped(status(paths=paths))
+    assert m['tagrouted_path_tunnel_up{interface="tun0",path="server-a"}'] == 1
+    assert m['tagrouted_path_tunnel_up{interface="wg0",path="server-b"}'] == 0
+    assert m['tagrouted_path_packets_total{direction="requests",path="server-a"}'] == 27
+    assert m['tagrouted_path_bytes_total{direction="replies",path="server-a"}'] == 5276
+    assert m['tagrouted_path_packets_total{direction="requests",path="server-b"}'] == 5
+    assert 'tagrouted_path_packets_total{direction="replies",path="server-b"}' not in m
+
+
 def test_a_scrape_reads_the_latest_published_snapshot() -> None:
     published = [status()]
     exporter = MetricsExporter(lambda: published[0])
