@@ -1,15 +1,22 @@
-"""`tagroutectl`: check, plan, diff, apply, status, reload, down, doctor.
+"""`tagroutectl`: check, plan, diff, apply, status, reload, down, doctor, completion.
 
 Owns argument parsing, exit codes and what the user reads. Imports lazily: `check` and `plan`
 load only the config and the pure core, `status` and `reload` only the control-socket client,
-so they start fast; only `diff`, `apply`, `down` and `doctor` import the kernel libraries.
+so they start fast; only `diff` and `doctor` import the kernel libraries, and `apply` and `down` only
+when no daemon runs.
+
+One owner of the kernel state: while a daemon answers on the run directory's control socket,
+`apply` asks it to reload and converge, and `down` asks it to remove everything and hold it
+down until a reload; they never write the kernel beside it. Only when nobody listens there (no
+socket, a stale one, and nobody holds the run directory's lock) do they do the work themselves.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .core.config import Config
@@ -21,19 +28,30 @@ DEFAULT_RUN_DIR = "/run/tagrouted"
 DEFAULT_CONFIG_PATH = "/etc/tagrouted/tagrouted.yaml"
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(shtab: Any = None) -> argparse.ArgumentParser:
+    """The command line; with the shtab module, its options carry their completion hints."""
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="tagroutectl", description="Drive and inspect tagrouted.")
-    p.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="config file (%(default)s)")
-    p.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help="run directory (%(default)s)")
+    # No default here: `apply` must know whether the user named a file (main() fills it in).
+    config = p.add_argument("--config", help=f"config file ({DEFAULT_CONFIG_PATH})")
+    run_dir = p.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help="run directory (%(default)s)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    if shtab is not None:
+        config.complete = shtab.FILE  # type: ignore[attr-defined]
+        run_dir.complete = shtab.DIRECTORY  # type: ignore[attr-defined]
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("check", help="validate the config (exit 0 valid, 1 invalid)")
     sub.add_parser("plan", help="print this host's desired state as ip / iptables-save lines")
     sub.add_parser("diff", help="desired vs the kernel now (exit 0 in sync, 2 drift)")
-    sub.add_parser("apply", help="converge once, without a daemon")
+    sub.add_parser("apply", help="converge once (a running daemon re-reads the config and does it)")
     status = sub.add_parser("status", help="ask the daemon how it is (exit 3: no daemon)")
     status.add_argument("--json", action="store_true", help="machine-readable")
     sub.add_parser("reload", help="make the daemon re-read the config")
-    sub.add_parser("down", help="remove everything tagrouted owns, restore sysctls (exit 1: a part failed)")
+    sub.add_parser("down", help="remove everything tagrouted owns, restore sysctls (a running daemon "
+                                "does it and holds it down until reload; exit 1: a part failed)")
+    completion = sub.add_parser("completion", help="print the bash or zsh completion script")
+    completion.add_argument("shell", choices=("bash", "zsh"))
     doctor = sub.add_parser("doctor", help="check this host's part of the path; changes nothing "
                                            "(exit 0 ok, 2 a check fails, 1 invalid config)")
     doctor.add_argument("--json", action="store_true", help="machine-readable")
@@ -56,13 +74,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_INVALID
-    print(f"{args.config}: valid (roles: {', '.join(config.roles)}; {len(config.services)} services)")
+    paths = f"; {len(config.paths)} paths ({', '.join(p.name for p in config.paths)})" if config.paths else ""
+    print(f"{args.config}: valid (roles: {', '.join(config.roles)}; {len(config.services)} services{paths})")
     return EXIT_OK
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from .core.desired import assumed_facts, desired_state
-    from .core.plan import plan_lines
+    from .core.plan import path_lines, plan_lines
     from .kernel.firewall import choose
 
     config = _load(args.config)
@@ -74,6 +93,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"# tagrouted plan for {args.config} (roles: {', '.join(config.roles)})")
     print(f"# firewall backend: {choice.backend} ({choice.why})")
     print(f"# assuming these interfaces are present: {', '.join(link.name for link in facts.links)}")
+    for line in path_lines(config):
+        print(line)
     for note in state.notes:
         print(f"# note: {note}")
     for line in plan_lines(state, choice.backend):
@@ -144,7 +165,37 @@ def _report(result: object) -> int:
     return EXIT_OK if result.ok else EXIT_INVALID
 
 
+def _daemon_does(args: argparse.Namespace, payload: dict[str, Any]) -> dict[str, Any] | int | None:
+    """The running daemon's reply to `payload`; None when no daemon runs on the run directory
+    (the caller does the work itself); an exit status, after saying why, when a daemon is there
+    but cannot do it: then nothing is written beside it."""
+    from .daemon.control import NoDaemon, NotListening, Refused, request
+    from .daemon.main import run_dir_held
+
+    try:
+        return request(args.run_dir, payload, timeout=60)
+    except NotListening as e:
+        holder = run_dir_held(args.run_dir)
+        if holder is None:
+            return None
+        print(f"tagrouted{holder} holds {args.run_dir} but does not answer ({e}): it is starting or "
+              "stopping. Nothing done; try again in a moment", file=sys.stderr)
+    except Refused as e:
+        print(str(e), file=sys.stderr)
+    except NoDaemon as e:
+        print(f"tagrouted does not answer: {e}. Nothing done beside it", file=sys.stderr)
+    return EXIT_INVALID
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
+    payload: dict[str, Any] = {"command": "apply"}
+    if args.config_given:
+        payload["config"] = os.path.abspath(args.config)
+    reply = _daemon_does(args, payload)
+    if isinstance(reply, int):
+        return reply
+    if reply is not None:
+        return _daemon_applied(reply)
     from .kernel.converge import Converger
 
     config = _load(args.config)
@@ -158,20 +209,64 @@ def cmd_apply(args: argparse.Namespace) -> int:
         return _report(converger.converge(config))
 
 
+def _daemon_applied(reply: dict[str, Any]) -> int:
+    pid = reply.get("pid", "?")
+    if not reply.get("ok"):
+        for line in reply.get("errors", []):
+            print(line, file=sys.stderr)
+        print(f"apply rejected: tagrouted (pid {pid}) keeps running its last good config", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"note: applied by the running tagrouted (pid {pid}), which keeps it in place", file=sys.stderr)
+    changes, errors = reply.get("changes", []), reply.get("apply_errors", [])
+    for line in changes:
+        print(line)
+    for line in reply.get("notes", []):
+        print(f"note: {line}", file=sys.stderr)
+    for line in errors:
+        print(f"error (the daemon retries): {line}", file=sys.stderr)
+    if not changes and not errors:
+        print("in sync: nothing to change")
+    return EXIT_INVALID if errors else EXIT_OK
+
+
+def _daemon_held_down(reply: dict[str, Any]) -> int:
+    for line in reply.get("errors", []):  # e.g. the daemon is stopping
+        print(line, file=sys.stderr)
+    if not reply.get("ok"):
+        return EXIT_INVALID
+    changes = reply.get("changes", [])
+    for line in changes:
+        print(line)
+    for line in reply.get("apply_errors", []):
+        print(f"error: {line}", file=sys.stderr)
+    if not changes:
+        print("nothing to remove")
+    print(f"held down: tagrouted (pid {reply.get('pid', '?')}) keeps everything removed until "
+          "`tagroutectl apply`, `tagroutectl reload`, SIGHUP or a restart")
+    return EXIT_OK
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     """Remove what the run directory records plus our brands; non-zero when anything failed."""
+    reply = _daemon_does(args, {"command": "down"})
+    if isinstance(reply, int):
+        return reply
+    if reply is not None:
+        return _daemon_held_down(reply)
     from .core.config import ConfigError, Tag, load_config
     from .kernel.converge import Converger
 
+    paths = None
     try:
-        tag = load_config(args.config).tag
+        config = load_config(args.config)
+        tag, paths = config.tag, config.tag_paths()  # every path's brand, beyond the recorded ones
     except (ConfigError, OSError, ValueError):
         tag = Tag()  # a broken or missing file must not keep `down` from cleaning up
     converger = _converger(args.run_dir)
     if not isinstance(converger, Converger):
         return EXIT_INVALID
     with converger:
-        return _report(converger.converge(None, tag))
+        return _report(converger.converge(None, tag, paths=paths))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -224,6 +319,13 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return EXIT_INVALID
 
 
+def cmd_completion(args: argparse.Namespace) -> int:
+    import shtab
+
+    print(shtab.complete(_parser(shtab), shell=args.shell))
+    return EXIT_OK
+
+
 def _no_daemon(e: Exception) -> None:
     from .daemon.control import Refused
 
@@ -253,11 +355,15 @@ COMMANDS = {
     "reload": cmd_reload,
     "down": cmd_down,
     "doctor": cmd_doctor,
+    "completion": cmd_completion,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.config_given = args.config is not None
+    if args.config is None:
+        args.config = DEFAULT_CONFIG_PATH
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -47,14 +47,26 @@ class Check:
         return f"{self.status:<4}  {self.name}: {self.seen}{fix}"
 
 
-def _tunnel(config: Config) -> str | None:
-    if config.vpn_client and config.has("vpn-client"):
-        return config.vpn_client.tunnel_interface
-    if config.service and config.has("service") and config.service.tunnel_interface:
-        return config.service.tunnel_interface
+def _tunnels(config: Config) -> list[str]:
+    """The tunnels this host's roles use: each path's on a VPN client (or a service host with a
+    tunnel), the VPN server's."""
+    out = [p.tunnel_interface for p in config.tag_paths()
+           if p.tunnel_interface and (config.has("vpn-client") or config.has("service"))]
     if config.vpn_server and config.has("vpn-server"):
-        return config.vpn_server.tunnel_interface
-    return None
+        out.append(config.vpn_server.tunnel_interface)
+    return list(dict.fromkeys(out))
+
+
+def _reply_targets(config: Config) -> list[tuple[str, int, int, str | None, str | None]]:
+    """(path, mark, family, gateway, device) where each path's tagged replies must go."""
+    out: list[tuple[str, int, int, str | None, str | None]] = []
+    families = sorted({s.family for s in config.services}) or [4]
+    for p in config.tag_paths():
+        if config.has("vpn-client") or (config.has("service") and p.tunnel_interface):
+            out += [(p.name, p.mark, f, None, p.tunnel_interface) for f in families]
+        elif config.has("service") and config.service:
+            out += [(p.name, p.mark, v.version, str(v), None) for v in (p.via or config.service.via)]
+    return out
 
 
 class Doctor:
@@ -124,36 +136,33 @@ class Doctor:
                          f"sysctl -w {key}=1 (tagrouted keeps it: start the daemon)")
 
     def tunnel(self) -> None:
-        tun = _tunnel(self.config)
-        if tun is None:
-            return
-        link = self.links.get(tun)
-        if link is None:
-            self.add("tunnel", "fail", f"{tun} does not exist",
-                     "start the VPN (openvpn, wg-quick) and check its log")
-        elif not link["up"]:
-            self.add("tunnel", "fail", f"{tun} is down", f"ip link set {tun} up, or restart the VPN")
-        else:
-            self.add("tunnel", "ok", f"{tun} is up (mtu {link['mtu']})")
+        for tun in _tunnels(self.config):
+            link = self.links.get(tun)
+            if link is None:
+                self.add("tunnel", "fail", f"{tun} does not exist",
+                         "start the VPN (openvpn, wg-quick) and check its log")
+            elif not link["up"]:
+                self.add("tunnel", "fail", f"{tun} is down", f"ip link set {tun} up, or restart the VPN")
+            else:
+                self.add("tunnel", "ok", f"{tun} is up (mtu {link['mtu']})")
 
     def rp_filter(self) -> None:
-        vc = self.config.vpn_client
-        if not (vc and self.config.has("vpn-client")):
+        if not self.config.has("vpn-client"):
             return
-        tun = vc.tunnel_interface
-        all_v = read_sysctl("net.ipv4.conf.all.rp_filter")
-        tun_v = read_sysctl(f"net.ipv4.conf.{tun}.rp_filter")
-        if all_v is None or tun_v is None:
-            return  # no tunnel (said above) or no IPv4
-        effective = max(int(all_v), int(tun_v))
-        name = {0: "off", 1: "strict", 2: "loose"}.get(effective, str(effective))
-        seen = f"effective rp_filter on {tun} is {name} (all={all_v}, {tun}={tun_v})"
-        if effective == 1:
-            self.add("rp_filter", "fail", seen + ": replies to Internet clients arrive through the "
-                                                 "tunnel and are dropped",
-                     f"sysctl -w net.ipv4.conf.{tun}.rp_filter=2")
-        else:
-            self.add("rp_filter", "ok", seen)
+        for tun in _tunnels(self.config):
+            all_v = read_sysctl("net.ipv4.conf.all.rp_filter")
+            tun_v = read_sysctl(f"net.ipv4.conf.{tun}.rp_filter")
+            if all_v is None or tun_v is None:
+                continue  # no tunnel (said above) or no IPv4
+            effective = max(int(all_v), int(tun_v))
+            name = {0: "off", 1: "strict", 2: "loose"}.get(effective, str(effective))
+            seen = f"effective rp_filter on {tun} is {name} (all={all_v}, {tun}={tun_v})"
+            if effective == 1:
+                self.add("rp_filter", "fail", seen + ": replies to Internet clients arrive through the "
+                                                     "tunnel and are dropped",
+                         f"sysctl -w net.ipv4.conf.{tun}.rp_filter=2")
+            else:
+                self.add("rp_filter", "ok", seen)
 
     def _route(self, family: int, dst: str, mark: int | None) -> tuple[str | None, str | None, str | None]:
         """(gateway, device, error) of `ip route get dst [mark M]`."""
@@ -170,42 +179,34 @@ class Doctor:
         return msg.get_attr("RTA_GATEWAY"), self.names.get(oif, str(oif) if oif else None), None
 
     def routes(self) -> None:
-        config, tag = self.config, self.config.tag
-        targets: dict[int, tuple[str | None, str | None]] = {}  # family -> (gateway, dev) tagged replies use
-        tun = None
-        if config.vpn_client and config.has("vpn-client"):
-            tun = config.vpn_client.tunnel_interface
-            targets = {f: (None, tun) for f in {s.family for s in config.services} or {4}}
-        elif config.service and config.has("service"):
-            if config.service.tunnel_interface:
-                tun = config.service.tunnel_interface
-                targets = {f: (None, tun) for f in {s.family for s in config.services} or {4}}
-            else:
-                targets = {v.version: (str(v), None) for v in config.service.via}
-        for family, (gw, dev) in sorted(targets.items()):
+        config = self.config
+        several = len(config.tag_paths()) > 1
+        for path, mark, family, gw, dev in _reply_targets(config):
+            label = f" (path {path})" if several else ""
             want = f"via {gw}" if gw else f"dev {dev}"
             dst = INTERNET[family]
-            got_gw, got_dev, err = self._route(family, dst, tag.mark)
-            cmd = f"ip -{family} route get {dst} mark {tag.mark:#x}"
+            got_gw, got_dev, err = self._route(family, dst, mark)
+            cmd = f"ip -{family} route get {dst} mark {mark:#x}"
             if err:
-                self.add("tagged route", "fail", f"`{cmd}`: {err}: tagged replies have no way back",
+                self.add("tagged route" + label, "fail", f"`{cmd}`: {err}: tagged replies have no way back",
                          "bring the tunnel up" if dev else f"check that {gw} is reachable")
             elif (gw and got_gw == gw) or (dev and got_dev == dev):
-                self.add("tagged route", "ok", f"`{cmd}` goes {want}")
+                self.add("tagged route" + label, "ok", f"`{cmd}` goes {want}")
             else:
-                self.add("tagged route", "fail",
+                self.add("tagged route" + label, "fail",
                          f"`{cmd}` goes via {got_gw or '-'} dev {got_dev}, not {want}",
-                         f"tagroutectl diff (the rule fwmark {tag.mark:#x} lookup {tag.table} or its "
-                         "table is missing or shadowed)")
+                         f"tagroutectl diff (the rule fwmark {mark:#x} or its table is missing or shadowed)")
             u_gw, u_dev, u_err = self._route(family, dst, None)
             cmd = f"ip -{family} route get {dst}"
             if u_err:
-                self.add("untagged route", "ok", f"`{cmd}`: {u_err} (not {want})")
+                self.add("untagged route" + label, "ok", f"`{cmd}`: {u_err} (not {want})")
             elif (gw and u_gw == gw) or (dev and u_dev == dev):
-                self.add("untagged route", "warn", f"`{cmd}` also goes {want}: untagged traffic takes the "
-                                                   "tunnel path too", "check the main table's default route")
+                self.add("untagged route" + label, "warn", f"`{cmd}` also goes {want}: untagged traffic "
+                                                           "takes the tunnel path too",
+                         "check the main table's default route")
             else:
-                self.add("untagged route", "ok", f"`{cmd}` goes via {u_gw or '-'} dev {u_dev} (not {want})")
+                self.add("untagged route" + label, "ok",
+                         f"`{cmd}` goes via {u_gw or '-'} dev {u_dev} (not {want})")
         gwc = config.gateway
         if gwc and config.has("gateway"):
             vs = config.vpn_server if config.has("vpn-server") else None
@@ -306,16 +307,19 @@ class Doctor:
         vc = self.config.vpn_client
         if not (vc and self.config.has("vpn-client")):
             return
-        tun, lan = self.links.get(vc.tunnel_interface), self.links.get(vc.lan_interface)
-        if tun is None or lan is None or not tun["mtu"] or not lan["mtu"]:
-            return
-        seen = f"{vc.tunnel_interface} mtu {tun['mtu']}, {vc.lan_interface} mtu {lan['mtu']}"
-        if tun["mtu"] >= lan["mtu"]:
-            self.add("mtu", "ok", seen)
-        else:
-            self.add("mtu", "warn", f"{seen}: replies larger than {tun['mtu']} bytes need path MTU discovery "
-                                    "(ICMP 'fragmentation needed' must reach the service) or MSS clamping",
-                     f"raise the tunnel MTU, or clamp TCP MSS on {vc.tunnel_interface}")
+        lan = self.links.get(vc.lan_interface)
+        for name in _tunnels(self.config):
+            tun = self.links.get(name)
+            if tun is None or lan is None or not tun["mtu"] or not lan["mtu"]:
+                continue
+            seen = f"{name} mtu {tun['mtu']}, {vc.lan_interface} mtu {lan['mtu']}"
+            if tun["mtu"] >= lan["mtu"]:
+                self.add("mtu", "ok", seen)
+            else:
+                self.add("mtu", "warn", f"{seen}: replies larger than {tun['mtu']} bytes need path MTU "
+                                        "discovery (ICMP 'fragmentation needed' must reach the service) "
+                                        "or MSS clamping",
+                         f"raise the tunnel MTU, or clamp TCP MSS on {name}")
 
 
 def run(config: Config, run_dir: str) -> list[Check]:

@@ -13,11 +13,16 @@ benchmarks and the end-to-end lab:
 
 Stopping: `stop()` sends SIGTERM and waits (on_stop runs); `kill()` is SIGKILL (a crash).
 Both act on the daemon's own PID only.
+
+Metrics: `scrape(ns, listen)` GETs /metrics as Prometheus would, from inside the namespace
+(`listen` as in metrics.listen: "127.0.0.1:9542", "[::1]:9542" or a unix socket path), and
+parses it with prometheus_client's own parser into {'name{label="v"}': value}.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -37,6 +42,47 @@ VENV_BIN = Path(sys.executable).parent
 TAGROUTED = str(VENV_BIN / "tagrouted")
 TAGROUTECTL = str(VENV_BIN / "tagroutectl")
 Record = dict[str, Any]
+
+
+# ---- metrics -------------------------------------------------------------------------------
+def http_get_metrics(listen: str, timeout: float = 5) -> str:
+    """GET /metrics from `listen` (ADDRESS:PORT or a unix socket path) in this namespace."""
+    if listen.startswith("/"):
+        class UnixConnection(http.client.HTTPConnection):
+            def connect(self) -> None:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.settimeout(timeout)
+                self.sock.connect(listen)
+        conn: http.client.HTTPConnection = UnixConnection("localhost", timeout=timeout)
+    else:
+        host, port = listen.rsplit(":", 1)
+        conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
+    try:
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        body = resp.read().decode()
+        if resp.status != 200:
+            raise AssertionError(f"GET /metrics on {listen} -> {resp.status}: {body[:200]}")
+        return body
+    finally:
+        conn.close()
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Every sample of a scrape, parsed by prometheus_client.parser, as {'name{a="x"}': value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+def scrape(ns: Netns, listen: str) -> dict[str, float]:
+    """The daemon's metrics as Prometheus sees them, scraped from inside `ns`."""
+    return parse_metrics(ns.call(http_get_metrics, listen, timeout=30))
 
 
 class DaemonProc:
@@ -216,3 +262,25 @@ class DaemonProc:
         if res.returncode != 0:
             raise AssertionError(f"tagroutectl status -> {res.returncode}: {res.stderr}")
         return json.loads(res.stdout)
+
+
+# Writes 3 IPv4 TCP SYNs to 192.168.100.3:443 from 203.0.113.7 into the tun device named argv[1]
+# ("from the tunnel side": what a public server forwards home through it). Run it in the host's
+# namespace: `ns.popen([sys.executable, "-c", TUN_WRITER, "tun0"])`.
+TUN_WRITER = r"""
+import fcntl, os, struct, socket, sys
+TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454ca, 0x0001, 0x1000
+fd = os.open("/dev/net/tun", os.O_RDWR)
+fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", sys.argv[1].encode(), IFF_TUN | IFF_NO_PI))
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b)); s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return ~s & 0xffff
+src, dst = socket.inet_aton("203.0.113.7"), socket.inet_aton("192.168.100.3")
+tcp = struct.pack("!HHIIBBHHH", 40000, 443, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
+tcp = tcp[:16] + struct.pack("!H", csum(src + dst + struct.pack("!BBH", 0, 6, len(tcp)) + tcp)) + tcp[18:]
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0, 64, 6, 0, src, dst)
+ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+for _ in range(3):
+    os.write(fd, ip + tcp)
+"""

@@ -128,7 +128,7 @@ def admits(out: Out, backend: str, address: str, proto: str, port: int) -> bool:
     if backend == "nftables":
         text = nft_ours(out)
         return (text.count(f"{address} . {proto} . {port} ") == 2  # the admit set and the counters map
-                and text.count("@admit4 accept") == 1 and text.count("chain forward {") == 1)
+                and text.count("@admit4 ") == 1 and text.count("chain forward {") == 1)
     text = legacy_ours(out)
     rule = f"-d {address}/32 -i tun0 -o eth0 -p {proto} -m {proto} --dport {port} -j ACCEPT"
     return (text.count(rule) == 1 and text.count("-j TAGROUTED-FORWARD") == 2

@@ -14,7 +14,7 @@ import os
 import re
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any, Literal
 
@@ -38,6 +38,28 @@ class Tag:
     # The bits of the packet mark and connmark that are ours: set, saved, restored and matched
     # only within them, so other tools' bits (Tailscale 0xff0000, kube-proxy 0x4000) survive.
     mark_mask: int = 0xFF
+
+
+DEFAULT_PATH = "default"  # the name of the single-path form's one path (status, counters)
+
+
+@dataclass(frozen=True)
+class TagPath:
+    """One way home and back (issue 14): a public server's tunnel and the tag its connections carry.
+
+    Each public server runs its own single-path tagrouted; the home hosts list one path per
+    server (`paths:`), each with its own DSCP, mark, table and rule priority, so the service host
+    remembers per connection which server it came through and its reply goes back there. The
+    single-path form (`tag` + `vpn_client.tunnel_interface` + `service.via`) is one such path,
+    named `default` (Config.tag_paths)."""
+
+    name: str
+    dscp: int
+    mark: int
+    table: int
+    priority: int
+    tunnel_interface: str | None = None  # vpn-client: the tunnel to this path's public server
+    via: tuple[IPAddress, ...] = ()      # a separate service host: this path's VPN client (one per family)
 
 
 @dataclass(frozen=True)
@@ -96,7 +118,7 @@ class VpnServerSection:
 
 @dataclass(frozen=True)
 class VpnClientSection:
-    tunnel_interface: str
+    tunnel_interface: str | None  # None with `paths:` (each path names its tunnel)
     lan_interface: str
     rp_filter: Literal["off", "loose"] = "loose"
 
@@ -122,6 +144,20 @@ class FirewallSection:
 
 
 @dataclass(frozen=True)
+class MetricsSection:
+    """Where the Prometheus endpoint listens: an IP address and port, or a unix socket path."""
+
+    host: str | None = None  # an IPv4 or IPv6 literal (no names: nothing is resolved)
+    port: int | None = None
+    path: str | None = None  # an absolute path for an AF_UNIX socket
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return self.path
+        return f"[{self.host}]:{self.port}" if ":" in (self.host or "") else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     roles: tuple[str, ...]
@@ -134,9 +170,23 @@ class Config:
     on_stop: Literal["keep", "remove"] = "keep"
     resync_interval: float = 2.0
     firewall: FirewallSection = field(default_factory=FirewallSection)
+    metrics: MetricsSection | None = None  # off when absent
+    # `paths:` (several public servers); empty: the single-path form. Each path's `via` is the
+    # effective one (its own, else service.via).
+    paths: tuple[TagPath, ...] = ()
 
     def has(self, role: str) -> bool:
         return role in self.roles
+
+    def tag_paths(self) -> tuple[TagPath, ...]:
+        """Every path this host keeps: `paths:`, or the single-path form as one path `default`."""
+        if self.paths:
+            return self.paths
+        tag = self.tag
+        tun = (self.vpn_client.tunnel_interface if self.vpn_client
+               else self.service.tunnel_interface if self.service else None)
+        via = self.service.via if self.service else ()
+        return (TagPath(DEFAULT_PATH, tag.dscp, tag.mark, tag.table, tag.priority, tun, via),)
 
 
 @dataclass(frozen=True)
@@ -229,6 +279,10 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _PORT_RE = re.compile(r"(\d{1,6})(?:-(\d{1,6}))?")
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# metrics.listen: "[IPv6]:port" or "IPv4:port" (the address is checked after the match)
+_LISTEN_RE = re.compile(r"\[([^\]]*)\]:(\d{1,6})|([^:\[\]/]*):(\d{1,6})")
+_LISTEN_EXAMPLES = '"127.0.0.1:9542", "[::1]:9542" or /run/tagrouted/metrics.sock'
+UNIX_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes with the trailing NUL
 # Where a comment starts: a '#' at the start of a line or after white space.
 _COMMENT = re.compile(r"(?:^|[ \t])#")
 
@@ -536,15 +590,29 @@ def _type_name(node: _Node) -> str:
 
 _TOP_KEYS = {"roles": True, "tag": False, "services": False, "gateway": False, "vpn_server": False,
              "vpn_client": False, "service": False, "on_stop": False, "resync_interval": False,
-             "firewall": False}
+             "firewall": False, "metrics": False, "paths": False}
 _TAG_KEYS = {"dscp": False, "mark": False, "table": False, "priority": False, "mark_mask": False}
+_TAG_LIMITS = {  # key -> (lowest, highest, why), for `tag` and each of `paths`
+    "dscp": (1, 63, " (6 bits; 0 is untagged traffic)"),
+    "mark": (1, 0xFFFFFFFF, " (0 means unmarked)"),
+    "table": (1, 0xFFFFFFFF, ""),
+    "priority": (1, 32767, " (0, 32766 and 32767 are the kernel's own rules)"),
+    "mark_mask": (1, 0xFFFFFFFF, " (the mark bits that are ours)"),
+}
+_PATH_KEYS = {"name": True, "dscp": True, "mark": True, "table": True, "priority": True,
+              "tunnel_interface": False, "via": False}
+_PATH_UNIQUE = ("name", "dscp", "mark", "table", "priority", "tunnel_interface")
+# A path is a tunnel, a DSCP value, a routing table and a rule: a few per home, not hundreds.
+MAX_PATHS = 32
 _FIREWALL_KEYS = {"backend": False, "host_firewall": False}
 _SERVICE_KEYS = {"name": True, "proto": True, "port": True, "address": True, "to_port": False}
 _GATEWAY_KEYS = {"public_interface": True, "public_addresses": True, "home_networks": True,
                  "via": False, "forwards": False}
 _VPN_SERVER_KEYS = {"tunnel_interface": True, "uplink_interface": True, "families": False}
-_VPN_CLIENT_KEYS = {"tunnel_interface": True, "lan_interface": True, "rp_filter": False}
+# tunnel_interface is required without `paths:` and refused with it (checked by hand)
+_VPN_CLIENT_KEYS = {"tunnel_interface": False, "lan_interface": True, "rp_filter": False}
 _SERVICE_SECTION_KEYS = {"via": False, "tunnel_interface": False}
+_METRICS_KEYS = {"listen": True}
 _ROLE_SECTIONS = {"gateway": "gateway", "vpn-server": "vpn_server", "vpn-client": "vpn_client",
                   "service": "service"}
 
@@ -559,6 +627,20 @@ class _Parsed:
 
     def __init__(self, service: Service, path: str, name: _Node, port: _Node, address: _Node) -> None:
         self.service, self.path, self.name, self.port, self.address = service, path, name, port, address
+
+
+class _PathParsed:
+    """A valid entry of `paths:`, with the nodes cross-checks point at."""
+
+    __slots__ = ("entries", "node", "path", "tag_path", "via")
+
+    def __init__(self, tag_path: TagPath, path: str, node: _Node, entries: dict[str, _Entry],
+                 via: list[_Addr]) -> None:
+        self.tag_path, self.path, self.node, self.entries, self.via = tag_path, path, node, entries, via
+
+    def at(self, key: str) -> _Node:
+        """The value node of `key`, or the entry itself when the key is not given."""
+        return self.entries[key][1] if key in self.entries else self.node
 
 
 class _Addr:
@@ -695,6 +777,14 @@ def _family(address: IPAddress | IPNetwork) -> Family:
     return 4 if address.version == 4 else 6
 
 
+def _is_ip(text: str) -> bool:
+    try:
+        ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _index(path: str, i: int) -> str:
     return f"{path}[{i}]"
 
@@ -792,6 +882,14 @@ class _Checker:
             self.bad(node, path, f"{v} is out of range {low}..{high}{why}")
             return None
         return v
+
+    def name(self, node: _Node, path: str) -> str | None:
+        """A service's or a path's name: letters, digits, '_', '.' or '-' (it names nft counters)."""
+        name = self.string(node, path, "a name")
+        if name is not None and not _NAME_RE.fullmatch(name):
+            self.bad(node, path, f"{name!r}: a name is letters, digits, '_', '.' or '-'")
+            return None
+        return name
 
     def choice(self, node: _Node, path: str, choices: tuple[str, ...]) -> str | None:
         v = self.string(node, path, " or ".join(choices))
@@ -912,16 +1010,20 @@ class _Checker:
             node = given(key)
             return None if node is None or (node.kind == "scalar" and node.value is None) else node
 
+        tag_paths: list[TagPath] = []
         roles = self.roles(n) if (n := given("roles")) else None
         tag = self.tag(n) if (n := given_collection("tag")) else Tag()
         services = self.service_list(n, "services") if (n := given_collection("services")) else []
+        with_paths = "paths" in top
+        paths = self.paths(n) if (n := given("paths")) else []
         gateway = self.gateway(n) if (n := given("gateway")) else None
         vpn_server = self.vpn_server(n) if (n := given("vpn_server")) else None
-        vpn_client = self.vpn_client(n) if (n := given("vpn_client")) else None
-        service = self.service_section(n) if (n := given("service")) else None
+        vpn_client = self.vpn_client(n, with_paths) if (n := given("vpn_client")) else None
+        service = self.service_section(n, with_paths) if (n := given("service")) else None
         on_stop = self.choice(n, "on_stop", ("keep", "remove")) if (n := given("on_stop")) else "keep"
         interval = self.interval(n) if (n := given("resync_interval")) else 2.0
         firewall = self.firewall(n) if (n := given_collection("firewall")) else FirewallSection()
+        metrics = self.metrics(n) if (n := given_collection("metrics")) else None
 
         if roles is not None:
             self.check_sections(top, roles)
@@ -929,7 +1031,10 @@ class _Checker:
             if services is not None and gateway is not None:
                 self.check_gateway(gateway[1], services, gateway[0], role_names)
             if services is not None and service is not None:
-                self.check_service(service[1], services, vpn_client, role_names)
+                self.check_service(service[1], services, vpn_client, role_names, with_paths)
+            if paths is not None and services is not None and tag is not None and with_paths:
+                tag_paths = self.check_paths(paths, given_collection("tag"), tag.mark_mask, services,
+                                             vpn_client, service, role_names)
         if services is not None:
             self.check_names([*services, *(gateway[1]["forwards"] if gateway else [])])
         if vpn_client and vpn_client[0].tunnel_interface == vpn_client[0].lan_interface:
@@ -938,7 +1043,7 @@ class _Checker:
             self.bad(vpn_server[1]["uplink"], "vpn_server.uplink_interface",
                      "must differ from tunnel_interface")
 
-        if (self.problems or roles is None or tag is None or services is None
+        if (self.problems or roles is None or tag is None or services is None or paths is None
                 or on_stop not in ("keep", "remove") or interval is None or firewall is None):
             return None
         return Config(
@@ -953,6 +1058,8 @@ class _Checker:
             on_stop=on_stop,  # type: ignore[arg-type]  # one of the two, checked above
             resync_interval=interval,
             firewall=firewall,
+            metrics=metrics,
+            paths=tuple(tag_paths),
         )
 
     def roles(self, node: _Node) -> list[tuple[str, _Node]] | None:
@@ -981,22 +1088,10 @@ class _Checker:
         entries = self.mapping(node, "tag", _TAG_KEYS)
         if entries is None:
             return None
-        limits = {
-            "dscp": (1, 63, " (6 bits; 0 is untagged traffic)"),
-            "mark": (1, 0xFFFFFFFF, " (0 means unmarked)"),
-            "table": (1, 0xFFFFFFFF, ""),
-            "priority": (1, 32767, " (0, 32766 and 32767 are the kernel's own rules)"),
-            "mark_mask": (1, 0xFFFFFFFF, " (the mark bits that are ours)"),
-        }
         values: dict[str, int] = {}
         ok = True
         for key, (_, vnode) in entries.items():
-            low, high, why = limits[key]
-            value = self.integer(vnode, f"tag.{key}", low, high, why)
-            refused = None if value is None else _foreign_tag_value(key, value)
-            if refused:
-                self.bad(vnode, f"tag.{key}", refused)
-                value = None
+            value = self.tag_value(vnode, "tag", key)
             if value is None:
                 ok = False
             else:
@@ -1013,6 +1108,56 @@ class _Checker:
                          f"mark_mask {mask:#x}: the mark must lie within the mask")
                 ok = False
         return Tag(**values) if ok else None
+
+    def tag_value(self, node: _Node, path: str, key: str) -> int | None:
+        """One of a tag's numbers (`tag.dscp`, `paths[1].table`...), in range and nobody else's."""
+        low, high, why = _TAG_LIMITS[key]
+        value = self.integer(node, _key(path, key), low, high, why)
+        refused = None if value is None else _foreign_tag_value(key, value)
+        if refused:
+            self.bad(node, _key(path, key), refused)
+            return None
+        return value
+
+    def paths(self, node: _Node) -> list[_PathParsed] | None:
+        """`paths:`, each entry on its own; cross-checks (unique values, roles) in check_paths."""
+        nodes = self.items(node, "paths", "paths ({name, dscp, mark, table, priority, ...})")
+        if nodes is None:
+            return None
+        if len(nodes) > MAX_PATHS:
+            self.bad(node, "paths", f"{len(nodes)} paths, more than the limit of {MAX_PATHS}")
+            return None
+        # The valid entries, so cross-checks still see them (as for services).
+        parsed = [self.one_path(item, _index("paths", i)) for i, item in enumerate(nodes)]
+        return [p for p in parsed if p is not None]
+
+    def one_path(self, node: _Node, path: str) -> _PathParsed | None:
+        entries = self.mapping(node, path, _PATH_KEYS)
+        if entries is None:
+            return None
+        ok = all(k in entries for k, required in _PATH_KEYS.items() if required)
+        name = self.name(entries["name"][1], _key(path, "name")) if "name" in entries else None
+        numbers: dict[str, int] = {}
+        for key in ("dscp", "mark", "table", "priority"):
+            if key in entries:
+                value = self.tag_value(entries[key][1], path, key)
+                if value is None:
+                    ok = False
+                else:
+                    numbers[key] = value
+        tun: str | None = None
+        if "tunnel_interface" in entries:
+            tun = self.interface(entries["tunnel_interface"][1], _key(path, "tunnel_interface"))
+            ok = ok and tun is not None
+        via: list[_Addr] | None = []
+        if "via" in entries:
+            via = self.addresses(entries["via"][1], _key(path, "via"), "addresses", nonempty=True,
+                                 one_per_family=True, next_hop=True)
+        if not ok or name is None or via is None:
+            return None
+        tag_path = TagPath(name, numbers["dscp"], numbers["mark"], numbers["table"], numbers["priority"],
+                           tun, tuple(a.address for a in via))
+        return _PathParsed(tag_path, path, node, entries, via)
 
     def firewall(self, node: _Node) -> FirewallSection | None:
         entries = self.mapping(node, "firewall", _FIREWALL_KEYS)
@@ -1045,11 +1190,7 @@ class _Checker:
         to_port: int | None = None
         ok = True
         if "name" in entries:
-            vnode = entries["name"][1]
-            name = self.string(vnode, _key(path, "name"), "a name")
-            if name is not None and not _NAME_RE.fullmatch(name):
-                self.bad(vnode, _key(path, "name"), f"{name!r}: a name is letters, digits, '_', '.' or '-'")
-                name = None
+            name = self.name(entries["name"][1], _key(path, "name"))
         if "proto" in entries:
             proto = self.choice(entries["proto"][1], _key(path, "proto"), ("tcp", "udp"))
         if "port" in entries:
@@ -1186,12 +1327,18 @@ class _Checker:
                 seen.add(family)
         return tuple(sorted(seen)) if ok else None
 
-    def vpn_client(self, node: _Node) -> tuple[VpnClientSection, dict[str, _Node]] | None:
+    def vpn_client(self, node: _Node, with_paths: bool) -> tuple[VpnClientSection, dict[str, _Node]] | None:
         entries = self.mapping(node, "vpn_client", _VPN_CLIENT_KEYS)
         if entries is None:
             return None
         tun = (self.interface(entries["tunnel_interface"][1], "vpn_client.tunnel_interface")
                if "tunnel_interface" in entries else None)
+        if with_paths and "tunnel_interface" in entries:
+            self.bad(entries["tunnel_interface"][1], "vpn_client.tunnel_interface",
+                     "not used with paths: each path names its own tunnel_interface; remove it")
+            return None
+        if not with_paths and "tunnel_interface" not in entries:
+            self.bad(node, "vpn_client.tunnel_interface", "required key missing")
         lan = (self.interface(entries["lan_interface"][1], "vpn_client.lan_interface")
                if "lan_interface" in entries else None)
         rp_filter: str | None = "loose"
@@ -1200,14 +1347,19 @@ class _Checker:
             # YAML 1.1 reads a bare `off` as false.
             rp_filter = "off" if vnode.value is False else self.choice(vnode, "vpn_client.rp_filter",
                                                                        ("off", "loose"))
-        if tun is None or lan is None or rp_filter is None:
+        if (tun is None and not with_paths) or lan is None or rp_filter is None:
             return None
         section = VpnClientSection(tun, lan, rp_filter)  # type: ignore[arg-type]
         return section, {"lan": entries["lan_interface"][1]}
 
-    def service_section(self, node: _Node) -> tuple[ServiceSection, dict[str, Any]] | None:
+    def service_section(self, node: _Node, with_paths: bool) -> tuple[ServiceSection, dict[str, Any]] | None:
         entries = self.mapping(node, "service", _SERVICE_SECTION_KEYS)
         if entries is None:
+            return None
+        if with_paths and "tunnel_interface" in entries:
+            self.bad(entries["tunnel_interface"][1], "service.tunnel_interface",
+                     "not used with paths: on a vpn-client + service host each path's replies go "
+                     "into that path's tunnel_interface; remove it")
             return None
         via: list[_Addr] | None = []
         if "via" in entries:
@@ -1220,7 +1372,7 @@ class _Checker:
                 return None
         if via is None:
             return None
-        if not via and tun is None:
+        if not via and tun is None and not with_paths:  # with paths, each path may name its via
             self.bad(node, "service", "needs via (one address per family) or tunnel_interface")
             return None
         tun_node = entries["tunnel_interface"][1] if "tunnel_interface" in entries else None
@@ -1246,12 +1398,71 @@ class _Checker:
             return None
         return seconds
 
+    def metrics(self, node: _Node) -> MetricsSection | None:
+        entries = self.mapping(node, "metrics", _METRICS_KEYS)
+        if entries is None or "listen" not in entries:
+            return None
+        vnode, path = entries["listen"][1], "metrics.listen"
+        text = self.string(vnode, path, f"ADDRESS:PORT or a socket path ({_LISTEN_EXAMPLES})")
+        if text is None:
+            return None
+        if text.startswith("/"):
+            why = None
+            if len(text.encode()) > UNIX_PATH_MAX:
+                why = f"is longer than {UNIX_PATH_MAX} bytes, the kernel's limit for a socket path"
+            elif text.endswith("/"):
+                why = "ends in '/': name the socket file itself"
+            elif any(part in (".", "..") for part in text.split("/")):
+                why = "has . or .. in it: write the plain absolute path"
+            if why:
+                self.bad(vnode, path, f"{text} {why}")
+                return None
+            return MetricsSection(path=text)
+        m = _LISTEN_RE.fullmatch(text)
+        if m is None:
+            if text.count(":") > 1 and not text.startswith("["):
+                why = "an IPv6 address goes in brackets, as in [::1]:9542"
+            elif _is_ip(text) or (text.startswith("[") and text.endswith("]")):
+                why = f"needs a port, as in {text}:9542"
+            else:
+                why = f"expected ADDRESS:PORT or an absolute socket path ({_LISTEN_EXAMPLES})"
+            self.bad(vnode, path, f"{text!r}: {why}")
+            return None
+        bracketed = m.group(1) is not None
+        host, port_text = (m.group(1), m.group(2)) if bracketed else (m.group(3), m.group(4))
+        port = int(port_text)
+        why = None
+        if not host:
+            why = "needs an address before the port: 127.0.0.1 for this host only, 0.0.0.0 or [::] for all"
+        elif "%" in host:
+            why = "zone indexes (%...) are not supported"
+        else:
+            try:
+                address = ip_address(host)
+            except ValueError:
+                address = None
+            if address is None:
+                why = f"{host!r} is not an IP address (names are not resolved): e.g. 127.0.0.1:{port}"
+            elif bracketed != (address.version == 6):
+                why = (f"brackets are for IPv6 addresses: write {host}:{port}" if bracketed
+                       else f"an IPv6 address goes in brackets: [{host}]:{port}")
+            elif address.is_multicast or address == IPv4Address("255.255.255.255"):
+                why = f"{host} is not an address to listen on"
+            elif not 1 <= port <= 65535:
+                why = f"port {port} is out of range 1..65535"
+            else:
+                return MetricsSection(host=str(address), port=port)
+        self.bad(vnode, path, f"{text!r}: {why}")
+        return None
+
     # -- cross-checks --
 
     def check_sections(self, top: dict[str, _Entry], roles: list[tuple[str, _Node]]) -> None:
         role_names = {r for r, _ in roles}
         for i, (role, item) in enumerate(roles):
             section = _ROLE_SECTIONS[role]
+            if role == "service" and "paths" in top:
+                continue  # the paths say where replies go: `service` is optional then
             if section not in top:
                 self.bad(item, _index("roles", i), f"role {role} needs a `{section}` section")
         # A section without its role is allowed and unused: one file can serve several hosts
@@ -1319,8 +1530,14 @@ class _Checker:
 
     def check_service(self, sv: dict[str, Any], services: list[_Parsed],
                       vpn_client: tuple[VpnClientSection, dict[str, _Node]] | None,
-                      roles: tuple[str, ...]) -> None:
+                      roles: tuple[str, ...], with_paths: bool = False) -> None:
         tun_node: _Node | None = sv["tun"]
+        if with_paths:
+            via_node: _Node | None = sv["via_node"]
+            if via_node is not None and "vpn-client" in roles:
+                self.bad(via_node, "service.via", "on a host that is also the vpn-client, each path's "
+                         "replies go straight into that path's tunnel_interface: remove it")
+            return  # the paths' own checks (check_paths) cover the rest
         if tun_node is not None:
             if "vpn-client" not in roles:
                 self.bad(tun_node, "service.tunnel_interface",
@@ -1343,6 +1560,75 @@ class _Checker:
             if f not in families:
                 self.bad(p.address, _key(p.path, "address"),
                          f"IPv{f} service but service.via has no IPv{f} address for its replies")
+
+    def check_paths(self, paths: list[_PathParsed], tag_node: _Node | None, mask: int,
+                    services: list[_Parsed], vpn_client: tuple[VpnClientSection, dict[str, _Node]] | None,
+                    service: tuple[ServiceSection, dict[str, Any]] | None,
+                    roles: tuple[str, ...]) -> list[TagPath]:
+        """`paths:` against each other and the host's roles; the paths with their effective via."""
+        if tag_node is not None and tag_node.kind == "mapping":
+            for knode, _ in self.pairs(tag_node, "tag"):
+                if knode.value in ("dscp", "mark", "table", "priority"):
+                    self.bad(knode, f"tag.{knode.value}", f"not used with paths: each path has its own "
+                             f"{knode.value} (paths[].{knode.value}); remove it (tag keeps only mark_mask)")
+        for key in _PATH_UNIQUE:
+            first: dict[object, _PathParsed] = {}
+            for p in paths:
+                value = getattr(p.tag_path, key)
+                if value is None:
+                    continue
+                if value in first:
+                    other = first[value]
+                    shown = f"{value:#x}" if key == "mark" else value
+                    self.bad(p.at(key), _key(p.path, key), f"{shown} is also {other.path}'s {key} "
+                             f"(line {other.at(key).line}): each path needs its own")
+                else:
+                    first[value] = p
+        for p in paths:
+            if p.tag_path.mark & ~mask:
+                self.bad(p.at("mark"), _key(p.path, "mark"),
+                         f"mark {p.tag_path.mark:#x} has bits outside tag.mark_mask {mask:#x}: the mark must "
+                         "lie within the mask (one mask for all paths)")
+        lan = vpn_client[0].lan_interface if vpn_client else None
+        if "vpn-client" in roles:
+            for p in paths:
+                if p.tag_path.tunnel_interface is None:
+                    self.bad(p.node, _key(p.path, "tunnel_interface"), "required on a vpn-client host: "
+                             "the tunnel to this path's public server")
+                elif p.tag_path.tunnel_interface == lan:
+                    self.bad(p.at("tunnel_interface"), _key(p.path, "tunnel_interface"),
+                             f"must differ from vpn_client.lan_interface ({lan})")
+        out = [p.tag_path for p in paths]
+        if "service" not in roles:
+            return out
+        if "vpn-client" in roles:
+            for p in paths:
+                if "via" in p.entries:
+                    self.bad(p.at("via"), _key(p.path, "via"), "on a host that is also the vpn-client, this "
+                             "path's replies go straight into its tunnel_interface: remove via")
+            return out
+        default_via: list[_Addr] = service[1]["via"] if service else []
+        wanted = {p.service.family for p in services}
+        out = []
+        for p in paths:
+            via = p.via or default_via
+            if not via:
+                self.bad(p.node, _key(p.path, "via"), "required on a service host: this path's VPN client "
+                         "(one address per family), or service.via for every path")
+            elif p.via:
+                for f in sorted(wanted - {_family(a.address) for a in via}):
+                    self.bad(p.at("via"), _key(p.path, "via"),
+                             f"no IPv{f} address for the replies of the IPv{f} services")
+            out.append(replace(p.tag_path, via=tuple(a.address for a in via)))
+        if default_via and paths and all(p.via for p in paths):
+            self.bad(service[1]["via_node"], "service.via",  # type: ignore[index]
+                     "not used: every path names its own via; remove it")
+        elif default_via:
+            for f in sorted(wanted - {_family(a.address) for a in default_via}):
+                self.bad(service[1]["via_node"], "service.via",  # type: ignore[index]
+                         f"no IPv{f} address for the replies of the IPv{f} services (the paths without "
+                         "a via of their own use it)")
+        return out
 
     def check_names(self, exposed: list[_Parsed]) -> None:
         first: dict[str, _Parsed] = {}

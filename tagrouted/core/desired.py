@@ -7,6 +7,8 @@ by two roles appears once). The facts it reads are the ones netlink does
 not make policy of by itself: which links exist (a route `dev tun0` only while tun0 exists),
 `all.rp_filter` (the kernel uses max(all, if)), each link's accept_ra, and which links carry
 the host's IPv6 default route (accept_ra=2 goes only there and on links the config names).
+The vpn-client and service roles keep their state once per path (Config.tag_paths(): the
+single-path form is one path), each with its own tag, rule and table.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from ipaddress import IPv4Address
 
-from .config import Config, Family, IPAddress, Service, Tag
+from .config import Config, Family, IPAddress, Service, Tag, TagPath
 from .state import (
     UNREACHABLE_METRIC,
     ConntrackFlush,
@@ -66,12 +68,11 @@ class _Builder:
         self.udp: set[ConntrackFlush] = set()
         self.notes: list[str] = []
 
-    def tagged_routing(self, family: Family, route: Route | None) -> None:
-        """Table T's route for tagged replies and the fwmark rule that leads there."""
+    def tagged_routing(self, family: Family, route: Route | None, path: TagPath) -> None:
+        """The path's table's route for tagged replies and the fwmark rule that leads there."""
         if route is not None:
             self.routes.add(route)
-        self.rules.add(PolicyRule(family, self.tag.priority, self.tag.mark, self.tag.table,
-                                  self.tag.mark_mask))
+        self.rules.add(PolicyRule(family, path.priority, path.mark, path.table, self.tag.mark_mask))
 
     def forwarding(self, family: Family, facts: HostFacts) -> None:
         if family == 4:
@@ -184,39 +185,56 @@ def _rp_filter_value(mode: str, rp_filter_all: int, b: _Builder, tun: str) -> st
 
 
 def _vpn_client(config: Config, facts: HostFacts, b: _Builder) -> None:
+    """Per path (issue 14: one per public server): what comes out of its tunnel is stamped with
+    its DSCP, LAN replies carrying that DSCP get its mark, and its table leads into its tunnel,
+    with its own unreachable fallback: one tunnel down leaves the others' tables untouched."""
     vc = config.vpn_client
     assert vc is not None
-    tag, tun, lan = config.tag, vc.tunnel_interface, vc.lan_interface
-    for family in _service_families(config):
-        b.tagged_routing(family, Route(family, tag.table, "default", dev=tun) if _up(facts, tun) else None)
-        # Tagged replies never leak to the ISP while the tunnel is down.
-        b.routes.add(Route(family, tag.table, "default", kind="unreachable", metric=UNREACHABLE_METRIC))
-        b.tunnel_tags.append(TunnelTagging(family, tun, lan, tag.dscp, tag.mark))
-        b.admissions.append(TunnelAdmission(
-            family, tun, lan, tuple(exposed(s) for s in config.services if s.family == family)))
-        b.forwarding(family, facts)
-    if _present(facts, tun) and 4 in _service_families(config):
-        b.sysctls[f"net.ipv4.conf.{tun}.rp_filter"] = _rp_filter_value(
-            vc.rp_filter, facts.rp_filter_all, b, tun)
+    lan = vc.lan_interface
+    families = _service_families(config)
+    admitted = {f: tuple(exposed(s) for s in config.services if s.family == f) for f in families}
+    for path in config.tag_paths():
+        tun = path.tunnel_interface
+        assert tun is not None  # the config check requires it on a vpn-client
+        for family in families:
+            into_tunnel = Route(family, path.table, "default", dev=tun) if _up(facts, tun) else None
+            b.tagged_routing(family, into_tunnel, path)
+            # Tagged replies never leak to the ISP while the tunnel is down.
+            b.routes.add(Route(family, path.table, "default", kind="unreachable", metric=UNREACHABLE_METRIC))
+            b.tunnel_tags.append(TunnelTagging(family, tun, lan, path.dscp, path.mark, path.name))
+            b.admissions.append(TunnelAdmission(family, tun, lan, admitted[family]))
+            b.forwarding(family, facts)
+        if _present(facts, tun) and 4 in families:
+            b.sysctls[f"net.ipv4.conf.{tun}.rp_filter"] = _rp_filter_value(
+                vc.rp_filter, facts.rp_filter_all, b, tun)
+
+
+def _reply_tunnel(config: Config, path: TagPath) -> str | None:
+    """The tunnel a service host sends `path`'s tagged replies straight into (it is also the
+    vpn-client), or None: they go via the path's next hop."""
+    if config.paths:
+        return path.tunnel_interface if config.has("vpn-client") else None
+    return config.service.tunnel_interface if config.service else None
 
 
 def _service(config: Config, facts: HostFacts, b: _Builder) -> None:
-    sv = config.service
-    assert sv is not None
-    tag = config.tag
-    if sv.tunnel_interface:
-        families = _service_families(config)
-        up = _up(facts, sv.tunnel_interface)
-        routes = {f: Route(f, tag.table, "default", dev=sv.tunnel_interface) if up else None
-                  for f in families}
-    else:
-        families = _families_of(sv.via)
-        routes = {_family(v): Route(_family(v), tag.table, "default", gateway=str(v)) for v in sv.via}
-    for family in families:
-        b.tagged_routing(family, routes.get(family))
-        # The next hop (the VPN client) routes on the DSCP tag; straight into a tunnel it would
-        # only be cleared again.
-        b.reply_tags.append(ReplyTagging(family, tag.dscp, tag.mark, stamp_dscp=not sv.tunnel_interface))
+    """Per path: the connection remembers the path's DSCP (connmark), its replies get the path's
+    mark back and go by the path's rule and table to the path's VPN client (or tunnel)."""
+    for path in config.tag_paths():
+        tun = _reply_tunnel(config, path)
+        if tun:
+            families = _service_families(config)
+            up = _up(facts, tun)
+            routes = {f: Route(f, path.table, "default", dev=tun) if up else None for f in families}
+        else:
+            families = _families_of(path.via)
+            routes = {_family(v): Route(_family(v), path.table, "default", gateway=str(v)) for v in path.via}
+        for family in families:
+            b.tagged_routing(family, routes.get(family), path)
+            # The next hop (the VPN client) routes on the DSCP tag; straight into a tunnel it would
+            # only be cleared again.
+            b.reply_tags.append(ReplyTagging(family, path.dscp, path.mark, stamp_dscp=not tun,
+                                             path=path.name))
 
 
 _ROLE_COMPILERS = {
@@ -265,7 +283,9 @@ def named_interfaces(config: Config) -> list[str]:
     if config.vpn_server:
         names += [config.vpn_server.tunnel_interface, config.vpn_server.uplink_interface]
     if config.vpn_client:
-        names += [config.vpn_client.tunnel_interface, config.vpn_client.lan_interface]
+        tunnels = ([config.vpn_client.tunnel_interface] if config.vpn_client.tunnel_interface else
+                   [p.tunnel_interface for p in config.paths if p.tunnel_interface])
+        names += [*tunnels, config.vpn_client.lan_interface]
     if config.service and config.service.tunnel_interface:
         names.append(config.service.tunnel_interface)
     return list(dict.fromkeys(names))

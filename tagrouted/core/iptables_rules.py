@@ -21,6 +21,8 @@ from .state import (
     FirewallRule,
     Match,
     OwnedChain,
+    ReplyTagging,
+    TunnelTagging,
 )
 
 FULL_MASK = 0xFFFFFFFF
@@ -96,6 +98,31 @@ class _Chains:
         return tuple(chains)
 
 
+def _stamp_rule(t: TunnelTagging) -> FirewallRule:
+    """The VPN client's DSCP stamp on what leaves the path's tunnel."""
+    return FirewallRule(in_interface=t.tunnel, target="DSCP", target_options=(("set-dscp", _hex(t.dscp)),))
+
+
+def _mark_rule(t: TunnelTagging, mask: int) -> FirewallRule:
+    """The VPN client's mark on LAN replies carrying the path's DSCP (routed into its tunnel)."""
+    return FirewallRule(in_interface=t.lan, matches=(Match("dscp", (("dscp", _hex(t.dscp)),)),),
+                        target="MARK", target_options=(("set-xmark", f"{t.mark:#x}/{mask:#x}"),))
+
+
+def _connmark_rule(r: ReplyTagging, mask: int) -> FirewallRule:
+    """The service host's connmark from the path's DSCP on the way in."""
+    return FirewallRule(matches=(Match("dscp", (("dscp", _hex(r.dscp)),)),),
+                        target="CONNMARK", target_options=(("set-xmark", f"{r.mark:#x}/{mask:#x}"),))
+
+
+def _restore_rule(r: ReplyTagging, mask: int) -> FirewallRule:
+    """The service host's replies get the path's mark back; only our bits: other tools'
+    connmarks stay theirs."""
+    return FirewallRule(
+        matches=(Match("connmark", (("mark", _masked(r.mark, mask)),)),), target="CONNMARK",
+        target_options=(("restore-mark", ""), ("nfmask", f"{mask:#x}"), ("ctmask", f"{mask:#x}")))
+
+
 def legacy_chains(intent: FirewallIntent) -> tuple[OwnedChain, ...]:
     """Every TAGROUTED-* chain the intent needs, in iptables-save order."""
     c = _Chains()
@@ -114,25 +141,18 @@ def legacy_chains(intent: FirewallIntent) -> tuple[OwnedChain, ...]:
         c.add(p.family, "filter", "FORWARD",
               FirewallRule(in_interface=p.in_interface, out_interface=p.out_interface, target="ACCEPT"))
     for t in intent.tunnel_tags:
-        c.add(t.family, "mangle", "PREROUTING",
-              FirewallRule(in_interface=t.tunnel, target="DSCP",
-                           target_options=(("set-dscp", _hex(t.dscp)),)),
-              FirewallRule(in_interface=t.lan, matches=(Match("dscp", (("dscp", _hex(t.dscp)),)),),
-                           target="MARK", target_options=(("set-xmark", f"{t.mark:#x}/{mask:#x}"),)))
+        c.add(t.family, "mangle", "PREROUTING", _stamp_rule(t), _mark_rule(t, mask))
         c.add(t.family, "mangle", "POSTROUTING",
               FirewallRule(out_interface=t.tunnel, target="DSCP", target_options=(("set-dscp", "0x00"),)))
     for a in intent.admissions:
         c.add(a.family, "filter", "FORWARD", ESTABLISHED,
-              *(accept_rule(e, a.tunnel, a.lan) for e in a.exposed),
+              *(accept_rule(e, a.tunnel, a.lan) for e in a.exposed))
+    for a in intent.admissions:  # every tunnel's accepts before any tunnel's drop (paths)
+        c.add(a.family, "filter", "FORWARD",
               FirewallRule(in_interface=a.tunnel, out_interface=a.lan, target="DROP"))
     for r in intent.reply_tags:
-        c.add(r.family, "mangle", "INPUT", FirewallRule(
-            matches=(Match("dscp", (("dscp", _hex(r.dscp)),)),),
-            target="CONNMARK", target_options=(("set-xmark", f"{r.mark:#x}/{mask:#x}"),)))
-        # Restore only our bits: other tools' connmarks stay theirs.
-        c.add(r.family, "mangle", "OUTPUT", FirewallRule(
-            matches=(Match("connmark", (("mark", _masked(r.mark, mask)),)),), target="CONNMARK",
-            target_options=(("restore-mark", ""), ("nfmask", f"{mask:#x}"), ("ctmask", f"{mask:#x}"))))
+        c.add(r.family, "mangle", "INPUT", _connmark_rule(r, mask))
+        c.add(r.family, "mangle", "OUTPUT", _restore_rule(r, mask))
         if r.stamp_dscp:
             c.add(r.family, "mangle", "OUTPUT", FirewallRule(
                 matches=(Match("mark", (("mark", _masked(r.mark, mask)),)),),
@@ -156,3 +176,24 @@ def counted_rules(intent: FirewallIntent) -> dict[str, tuple[CountedRule, ...]]:
             for e in a.exposed:
                 out[e.name].append((a.family, "filter", "TAGROUTED-FORWARD", accept_rule(e, a.tunnel, a.lan)))
     return {name: tuple(rules) for name, rules in out.items()}
+
+
+def path_counted_rules(intent: FirewallIntent) -> dict[str, dict[str, tuple[CountedRule, ...]]]:
+    """For each path, the rules whose counters make up its `requests` (tagged on the way in) and
+    `replies` (sent back through it): the VPN client's DSCP stamp and LAN mark, the service
+    host's connmark and restore (its connmark only where no VPN client role counts the requests
+    already: a home router would count each request twice)."""
+    mask = intent.mark_mask
+    out: dict[str, dict[str, list[CountedRule]]] = defaultdict(lambda: {"requests": [], "replies": []})
+    stamped = {t.path for t in intent.tunnel_tags}
+    for t in intent.tunnel_tags:
+        if t.path:
+            out[t.path]["requests"].append((t.family, "mangle", "TAGROUTED-PREROUTING", _stamp_rule(t)))
+            out[t.path]["replies"].append((t.family, "mangle", "TAGROUTED-PREROUTING", _mark_rule(t, mask)))
+    for r in intent.reply_tags:
+        if r.path:
+            kinds = out[r.path]
+            if r.path not in stamped:
+                kinds["requests"].append((r.family, "mangle", "TAGROUTED-INPUT", _connmark_rule(r, mask)))
+            kinds["replies"].append((r.family, "mangle", "TAGROUTED-OUTPUT", _restore_rule(r, mask)))
+    return {path: {what: tuple(rules) for what, rules in kinds.items()} for path, kinds in out.items()}

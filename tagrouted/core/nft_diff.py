@@ -207,7 +207,8 @@ def _rule_change(c: NftChain, k: KernelChain) -> str:
     extra = sum((have - wanted).values())
     if not missing and not extra:
         return f"rules in the wrong order or repeated ({len(k.comments)} rules)"
-    return f"{len(k.comments)} rules -> {len(c.rules)} rules ({missing} missing, {extra} not ours)"
+    return (f"{_plural(len(k.comments), 'rule')} -> {_plural(len(c.rules), 'rule')} ({missing} missing, "
+            f"{extra} not ours)")
 
 
 def _element_changes(tx: Transaction, s: NftSet, k: KernelSet) -> bool:

@@ -2,7 +2,8 @@
 
 Pure: a function of the intent, no I/O. Services live in sets and maps (one lookup per packet
 whatever their number), per-service counters are named counter objects reached through an
-object map, so a reload that keeps a service keeps its counts.
+object map, so a reload that keeps a service keeps its counts. Each path (the single-path form's
+`default` too) counts its requests and replies in two named counters its tagging rules end with.
 
 Base chains and why their priorities (numbers as nft prints them; `mangle` is -150):
 - `prerouting`  filter/prerouting  mangle + 10 (-140): the VPN client's DSCP stamp on what leaves
@@ -19,13 +20,15 @@ Base chains and why their priorities (numbers as nft prints them; `mangle` is -1
   accept here ends only our chain; our drops are final whatever other tables say.
 Marks and connmarks are set, restored and matched within `mark_mask` only.
 
-Every rule and element carries a comment with a digest of its own text: the backend compares
-those digests with what it reads back, never rule text (which nft normalises differently from
-version to version).
+Every rule counts its packets (a `counter` before its verdict: `tagroutectl doctor` and the
+demo show which of our rules traffic went through), and every rule and element carries a comment
+with a digest of its own text: the backend compares those digests with what it reads back, never
+rule text (which nft normalises differently from version to version).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 
@@ -60,8 +63,8 @@ class NftElement:
     def text(self) -> str:
         return self.key if self.value is None else f"{self.key} : {self.value}"
 
-    @property
-    def comment(self) -> str:
+    @functools.cached_property
+    def comment(self) -> str:  # cached: a diff compares thousands of them (bench_nftables)
         d = digest(self.text)
         return f"{self.label[:MAX_LABEL]} {d}" if self.label else d
 
@@ -97,7 +100,7 @@ class NftSet:
 class NftRule:
     text: str
 
-    @property
+    @functools.cached_property
     def comment(self) -> str:
         return digest(self.text)
 
@@ -141,12 +144,35 @@ def counter_name(service: str) -> str:
     return f"svc_{service}"
 
 
+PATH_COUNTS = ("requests", "replies")
+
+
+def path_counter_name(path: str, what: str) -> str:
+    """The named counter of a path's `requests` (tagged on the way in) or `replies` (sent back
+    through it); path names are letters, digits, '_', '.', '-'."""
+    return f"path_{path}_{what}"
+
+
 def _ports(span: tuple[int, int]) -> str:
     return str(span[0]) if span[0] == span[1] else f"{span[0]}-{span[1]}"
 
 
 def _endpoint_key(address: str, e: Exposed, public: bool) -> str:
     return f"{address} . {e.proto} . {_ports(e.port if public else e.home_port)}"
+
+
+def _counted(text: str) -> str:
+    """The rule with a counter: before its verdict (or dnat, also terminal), or after its last
+    statement."""
+    if text.startswith("counter ") or "counter name " in text:
+        return text  # a named counter already counts
+    head, dnat, tail = text.partition(" dnat ")
+    if dnat:
+        return f"{head} counter dnat {tail}"
+    for verdict in (" accept", " drop"):
+        if text.endswith(verdict):
+            return f"{text[:-len(verdict)]} counter{verdict}"
+    return f"{text} counter"
 
 
 def _mark_set(expr: str, mark: int, mask: int) -> str:
@@ -169,7 +195,15 @@ class _Builder:
         self.chain_rules: dict[str, dict[str, None]] = {}
 
     def rule(self, chain: str, text: str) -> None:
-        self.chain_rules.setdefault(chain, {}).setdefault(text, None)
+        self.chain_rules.setdefault(chain, {}).setdefault(_counted(text), None)
+
+    def path_count(self, path: str, what: str) -> str:
+        """` counter name "path_P_what"` to end a rule with (nothing for an unnamed path)."""
+        if not path:
+            return ""
+        name = path_counter_name(path, what)
+        self.counters.setdefault(name, None)
+        return f' counter name "{name}"'
 
     def element(self, spec: NftSet, element: NftElement) -> None:
         self.sets.setdefault(spec.name, spec)
@@ -191,22 +225,31 @@ _CHAINS = (  # name, type, hook, priority, in this order in the table
 )
 
 
+@functools.lru_cache(maxsize=4)
 def nft_table(intent: FirewallIntent) -> NftTable:
-    """The whole table the intent needs (every object only when something uses it)."""
+    """The whole table the intent needs (every object only when something uses it). Pure, so
+    cached: the daemon renders the same intent on every firewall pass (12 ms at 1000 services)."""
     b = _Builder()
     mask = intent.mark_mask
     counted: dict[Family, list[tuple[str, Exposed]]] = {4: [], 6: []}
 
+    # Each path counts its requests (tagged on the way in) and its replies (sent back through
+    # it) in named counters at the end of its tagging rules; on a vpn-client + service host the
+    # requests are counted where they leave the tunnel only.
+    stamped = {t.path for t in intent.tunnel_tags}
     for t in intent.tunnel_tags:
         ip = _IP[t.family]
-        b.rule("prerouting", f'iifname "{t.tunnel}" {ip} dscp set {t.dscp}')
-        b.rule("prerouting", f'iifname "{t.lan}" {ip} dscp {t.dscp} {_mark_set("meta mark", t.mark, mask)}')
+        b.rule("prerouting", f'iifname "{t.tunnel}" {ip} dscp set {t.dscp}{b.path_count(t.path, "requests")}')
+        b.rule("prerouting", f'iifname "{t.lan}" {ip} dscp {t.dscp} {_mark_set("meta mark", t.mark, mask)}'
+                             f'{b.path_count(t.path, "replies")}')
         b.rule("postrouting", f'oifname "{t.tunnel}" {ip} dscp set 0')
     for r in intent.reply_tags:
         ip = _IP[r.family]
-        b.rule("input", f"{ip} dscp {r.dscp} {_mark_set('ct mark', r.mark, mask)}")
+        requests = "" if r.path in stamped else b.path_count(r.path, "requests")
+        b.rule("input", f"{ip} dscp {r.dscp} {_mark_set('ct mark', r.mark, mask)}{requests}")
         # Restore only our bits: other tools' connmarks stay theirs.
-        b.rule("output", f"{_mark_is('ct mark', r.mark, mask)} {_mark_set('meta mark', r.mark, mask)}")
+        b.rule("output", f"{_mark_is('ct mark', r.mark, mask)} {_mark_set('meta mark', r.mark, mask)}"
+                         f"{b.path_count(r.path, 'replies')}")
         if r.stamp_dscp:
             b.rule("postrouting", f"{_mark_is('meta mark', r.mark, mask)} {ip} dscp set {r.dscp}")
 

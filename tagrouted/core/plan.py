@@ -8,6 +8,7 @@ Pure and deterministic: the same state always prints the same text, in a fixed o
 
 from __future__ import annotations
 
+from .config import Config
 from .iptables_rules import legacy_chains
 from .nft_rules import nft_table, table_lines
 from .state import (
@@ -84,6 +85,22 @@ def iptables_blocks(state: DesiredState) -> list[str]:
 def nft_block(state: DesiredState) -> list[str]:
     table = table_lines(nft_table(state.firewall))
     return ["# nft -f - (applied as one transaction)", *table] if table else []
+
+
+def path_lines(config: Config) -> list[str]:
+    """One comment line per path of a `paths:` config (none for the single-path form): its tag,
+    and where its replies go on this host."""
+    if not config.paths or not (config.has("vpn-client") or config.has("service")):
+        return []
+    out = []
+    for p in config.paths:
+        if config.has("vpn-client"):
+            way = f"replies into {p.tunnel_interface}"
+        else:
+            way = "replies via " + ", ".join(str(v) for v in p.via)
+        out.append(f"# path {p.name}: dscp {p.dscp}, fwmark {p.mark:#x} -> table {p.table} "
+                   f"(rule pref {p.priority}); {way}")
+    return out
 
 
 def plan_lines(state: DesiredState, backend: str = "nftables") -> list[str]:

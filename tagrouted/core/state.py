@@ -205,6 +205,7 @@ class TunnelTagging:
     lan: str
     dscp: int
     mark: int
+    path: str = ""  # the path's name: its counters (none when empty)
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,7 @@ class ReplyTagging:
     dscp: int
     mark: int
     stamp_dscp: bool
+    path: str = ""  # the path's name: its counters (none when empty)
 
 
 @dataclass(frozen=True)
@@ -303,14 +305,18 @@ class HostFacts:
         return None
 
 
+# What a change record can be about (TAGROUTED_OBJECT): routing and sysctls; the
+# iptables-legacy backend's chains and jumps; the nftables backend's table, chains, sets and maps,
+# their elements and its named counters.
+CHANGE_OBJECTS = ("route", "rule", "sysctl", "chain", "jump", "table", "set", "element", "counter")
+
+
 @dataclass(frozen=True)
 class Change:
     """One change made (or to make) to the kernel, as logged: one record per change."""
 
     action: Literal["added", "removed", "replaced", "set"]
-    # route | rule | sysctl; iptables-legacy: chain | jump; nftables: table | chain | set |
-    # element | counter
-    object: str
+    object: str  # one of CHANGE_OBJECTS
     message: str
 
 

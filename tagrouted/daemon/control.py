@@ -1,7 +1,7 @@
 """The control socket: RUN_DIR/tagrouted.sock, one JSON line in, one JSON line out.
 
 Owns the socket file and its protocol, both ends: the server the daemon runs (`ControlServer`)
-and the client `tagroutectl status|reload` uses (`request`, `format_status`). Stdlib only, so
+and the client `tagroutectl status|reload|apply|down` uses (`request`, `format_status`). Stdlib only, so
 `tagroutectl status` never loads pyroute2 or libiptc. Never touches the kernel: the server
 hands each request to a callback of the daemon, which answers status from the worker's last
 published snapshot and reload by waiting for the worker.
@@ -20,6 +20,9 @@ Rules of the socket:
   answered root's `reload` with "reloaded").
 - Replies: {"ok": true, ...} or {"ok": false, "error": "..."} for a refused request;
   reload answers {"ok": false, "errors": [config problems]} when the file is rejected.
+- Commands: status; reload and apply (the same pass: re-read the config, converge; apply may
+  name the config file it means, refused when the daemon runs another); down (remove everything
+  and hold it down until a reload). reload, apply and down answer with the changes made.
 """
 
 from __future__ import annotations
@@ -75,6 +78,11 @@ def loads_bounded(data: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
     return json.loads(data)
 
 
+class NotListening(NoDaemon):
+    """No socket, or a stale one: no daemon runs on this run directory (`tagroutectl apply`
+    and `down` then do the work themselves)."""
+
+
 class Refused(NoDaemon):
     """The daemon answered with a refusal (not root, malformed request)."""
 
@@ -99,9 +107,9 @@ def request(run_dir: str, payload: dict[str, Any], timeout: float = 5) -> dict[s
         try:
             sock.connect(path)
         except FileNotFoundError:
-            raise NoDaemon(f"no control socket at {path}") from None
+            raise NotListening(f"no control socket at {path}") from None
         except ConnectionRefusedError:
-            raise NoDaemon(f"nothing listens on {path} (a stale socket)") from None
+            raise NotListening(f"nothing listens on {path} (a stale socket)") from None
         except PermissionError:
             raise NoDaemon(f"permission denied on {path}: only root may use it") from None
         except TimeoutError:
@@ -113,7 +121,10 @@ def request(run_dir: str, payload: dict[str, Any], timeout: float = 5) -> dict[s
             raise Untrusted(f"the process answering on {path} runs as uid {uid}, not root: "
                             "not tagrouted; its answer is not believed")
         try:
-            sock.sendall(json.dumps(payload).encode() + b"\n")
+            # A refusal (peer credentials) comes before the request is read, and the daemon may
+            # have answered and closed before the request is sent: its answer still waits.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(json.dumps(payload).encode() + b"\n")
             data = _read_line(sock, MAX_LINE * 64)
         except TimeoutError:
             raise NoDaemon(f"no answer on {path} within {timeout:g}s") from None
@@ -143,7 +154,7 @@ def _check_socket_file(run_dir: str, path: str) -> None:
     try:
         fd = open_run_dir(run_dir, create=False)
     except NoRunDir:
-        raise NoDaemon(f"no run directory {os.path.abspath(run_dir)}") from None
+        raise NotListening(f"no run directory {os.path.abspath(run_dir)}") from None
     except RunDirDenied as e:
         raise NoDaemon(str(e)) from None
     except RunDirError as e:
@@ -151,7 +162,7 @@ def _check_socket_file(run_dir: str, path: str) -> None:
     try:
         st = os.lstat(SOCKET_NAME, dir_fd=fd)
     except FileNotFoundError:
-        raise NoDaemon(f"no control socket at {path}") from None
+        raise NotListening(f"no control socket at {path}") from None
     finally:
         os.close(fd)
     if not stat.S_ISSOCK(st.st_mode):
@@ -196,7 +207,11 @@ def format_status(status: dict[str, Any]) -> str:
     tun = status.get("tunnel_interface")
     if tun:
         row("tunnel", f"{tun} {'up' if status.get('tunnel_up') else 'down'}")
-    if not status.get("ready"):
+    if status.get("held_down"):
+        row("in sync", f"no: HELD DOWN by `tagroutectl down` since {_when(status.get('held_down_since'))}")
+        lines.append("              everything tagrouted owns is removed and stays so until "
+                     "`tagroutectl apply`, `tagroutectl reload`, SIGHUP or a restart")
+    elif not status.get("ready"):
         row("in sync", "not yet: the first converge has not succeeded")
     else:
         row("in sync", "yes" if status.get("in_sync") else "no")
@@ -213,6 +228,8 @@ def format_status(status: dict[str, Any]) -> str:
         row("last error", f"{_when(err.get('time'))}: {err.get('message')}")
     else:
         row("last error", "none")
+    if status.get("metrics_listen"):
+        row("metrics", f"{status['metrics_listen']} (/metrics)")
     for problem in status.get("config_errors") or []:
         lines.append(f"  rejected:   {problem}")
     for c in status.get("conflicts") or []:
@@ -230,6 +247,22 @@ def format_status(status: dict[str, Any]) -> str:
                         else f"{s['packets']} packets, {s['bytes']} bytes")
             lines.append(f"  {s.get('name', ''):<{width}}  {s.get('proto', '')}/{s.get('port', '')}"
                          f" -> {s.get('address', '')}  {counters}")
+    paths = status.get("paths") or []
+    if paths:
+        lines.append("paths:")
+        width = max(len(str(p.get("name", ""))) for p in paths)
+        for p in paths:
+            if p.get("tunnel"):
+                way = f"{p['tunnel']} {'up' if p.get('tunnel_up') else 'down'}"
+            else:
+                way = "via " + (", ".join(p.get("via") or []) or "-")
+            counts = "; ".join(f"{what} " + ("-" if not isinstance(c := p.get(what), dict)
+                                             else f"{c.get('packets')} packets, {c.get('bytes')} bytes")
+                               for what in ("requests", "replies"))
+            mark = p.get("mark")
+            mark = hex(mark) if isinstance(mark, int) else mark
+            tag = f"dscp {p.get('dscp')} mark {mark} table {p.get('table')}"
+            lines.append(f"  {p.get('name', ''):<{width}}  {tag}  {way}  {counts}")
     return "\n".join(lines)
 
 

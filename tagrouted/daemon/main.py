@@ -30,6 +30,8 @@ SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2}
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     p = argparse.ArgumentParser(
         prog="tagrouted",
         description="Keep tagged policy routing, its iptables chains and sysctls in place "
@@ -39,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="run directory: control socket, saved sysctls (%(default)s)")
     p.add_argument("--log-level", default="info", type=str.lower,
                    choices=["debug", "info", "warning", "error"], help="least important record logged")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
 
@@ -59,6 +62,26 @@ def _holder(run_dir: RunDir) -> str:
     with contextlib.suppress(OSError, ValueError):
         return f" (pid {int((run_dir.read(LOCK_NAME, 64) or b'').strip())})"
     return ""
+
+
+def run_dir_held(run_dir: str) -> str | None:
+    """" (pid N)" when a daemon holds the run directory's lock (its socket may not answer yet,
+    or no longer, while it starts or stops); None when nobody does."""
+    try:
+        fd = os.open(os.path.join(run_dir, LOCK_NAME), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        with contextlib.suppress(OSError, ValueError):
+            return f" (pid {int(os.read(fd, 64).strip())})"
+        return ""
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # also drops our shared lock
+    return None
 
 
 def _cap_malloc_arenas() -> None:

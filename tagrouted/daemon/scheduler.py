@@ -37,6 +37,13 @@ changed it; logged as a warning and counted as a repair), stop (on_stop: remove)
 Errors: the pass keeps what it did, the error is logged (once per distinct message) and kept
 as last_error, and the pass is retried on a timer with doubling backoff up to
 resync_interval: health never waits for "something changed".
+
+One owner of the kernel state: `tagroutectl apply` with a daemon running asks it to reload
+(the same pass as `reload`), and `tagroutectl down` asks it to remove everything it owns and
+hold it down: no pass runs for events, timers or file edits until `reload` (or `apply`),
+SIGHUP or a restart, and the status says so (never "in sync"). Its records carry reason down.
+Metrics (metrics.py, only when `metrics.listen` is set) serve the published snapshot; the
+worker only feeds the pass-duration histogram.
 """
 
 from __future__ import annotations
@@ -48,10 +55,10 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
-from ..core.config import Config, ConfigError, load_config, read_config_bytes
+from ..core.config import Config, ConfigError, TagPath, load_config, read_config_bytes
 from ..core.hostfw import Conflict
 from ..core.state import ROUTE_PROTO, Change, DesiredState, HostFacts
 from ..kernel.converge import ALL_PARTS, FIREWALL, HOSTFW, ROUTING, SYSCTLS, Converger, ConvergeResult
@@ -59,6 +66,9 @@ from ..kernel.firewall import IPTABLES_LEGACY, NFTABLES, Choice, choose
 from ..kernel.hostfw import legacy_present
 from .events import ConfigWatcher, NetlinkWatcher, NftBatch, NlEvent
 from .journal import Notifier, fields
+
+if TYPE_CHECKING:
+    from .metrics import MetricsExporter
 
 log = logging.getLogger("tagrouted.daemon")
 
@@ -87,9 +97,10 @@ DRIFT_WHAT = {
 
 
 class ReloadWaiter:
-    """A control client waiting for the pass that handles its reload."""
+    """A control client waiting for the pass that handles its reload (or its `down`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, command: str = "reload") -> None:
+        self.command = command
         self.done = threading.Event()
         self.reply: dict[str, Any] = {}
 
@@ -163,6 +174,11 @@ class _Snapshot:
     counters: dict[str, tuple[int, int] | None] = field(default_factory=dict)
     # the host firewall's conflicts with our traffic, as last judged: key -> Conflict
     conflicts: dict[str, Conflict] = field(default_factory=dict)
+    repairs_by_object: dict[str, int] = field(default_factory=dict)
+    reloads: dict[str, int] = field(default_factory=lambda: {"ok": 0, "rejected": 0})
+    held_down_since: float | None = None  # `tagroutectl down` took everything away at this time
+    tunnels_up: dict[str, bool] = field(default_factory=dict)  # each watched tunnel (paths)
+    path_counters: dict[str, dict[str, tuple[int, int] | None]] = field(default_factory=dict)
 
 
 def tunnel_interface(config: Config) -> str | None:
@@ -175,8 +191,22 @@ def tunnel_interface(config: Config) -> str | None:
     return None
 
 
+def path_tunnel(config: Config, path: TagPath) -> str | None:
+    """The tunnel of `path` on this host (a vpn-client's; none on a separate service host)."""
+    return path.tunnel_interface if config.has("vpn-client") else None
+
+
+def watched_tunnels(config: Config) -> list[str]:
+    """The tunnels whose state status reports: each path's on a vpn-client with `paths:`, else
+    the one of tunnel_interface()."""
+    if config.paths:
+        return list(dict.fromkeys(t for p in config.paths if (t := path_tunnel(config, p))))
+    tun = tunnel_interface(config)
+    return [tun] if tun else []
+
+
 def named_interfaces(config: Config) -> set[str]:
-    names = {tunnel_interface(config)}
+    names: set[str | None] = {tunnel_interface(config), *watched_tunnels(config)}
     if config.gateway:
         names.add(config.gateway.public_interface)
     if config.vpn_server:
@@ -234,9 +264,11 @@ class Daemon:
         self.netlink = NetlinkWatcher(self.on_netlink, self.on_overflow)
         self.nft_events = NetlinkWatcher.netfilter(self.on_nftables, self.on_overflow)
         self._nft_events_live = False
+        self._worker_tid = 0  # the reconcile worker's thread id (it commits our transactions)
         self.firewall: Choice = choose(config.firewall.backend)
         self.files = ConfigWatcher(config_path, self.on_file_change)
         self.control: Any = None
+        self.metrics: MetricsExporter | None = None  # made when metrics.listen is first set
         self._publish(None)
 
     # ---- lifecycle (main thread) -----------------------------------------------------------
@@ -246,6 +278,10 @@ class Daemon:
         self.control = ControlServer(self.run_dir, self.handle_request,
                                      logging.getLogger("tagrouted.control"))
         self.control.bind()  # AlreadyRunning when a live daemon owns the run directory
+        try:
+            self._serve_metrics(self.config)
+        except OSError as e:
+            raise OSError(f"metrics.listen {self.config.metrics}: {e.strerror or e}") from None
         self.netlink.start()  # bound before the first converge dumps anything
         try:
             self.nft_events.start()
@@ -275,11 +311,22 @@ class Daemon:
             if self._worker.is_alive():
                 log.error("the reconcile worker did not stop within %.0fs", timeout)
                 self.exit_code = 1
-        for part in (self.control, self.files, self.netlink, self.nft_events):
+        for part in (self.control, self.metrics, self.files, self.netlink, self.nft_events):
             if part is not None:
                 with contextlib.suppress(Exception):
                     part.stop()
         return self.exit_code
+
+    def _serve_metrics(self, config: Config) -> None:
+        """Serve /metrics where config.metrics says (nowhere: stop); OSError when it cannot.
+        (The main thread at start, then only the worker on reloads.)"""
+        if config.metrics is None and self.metrics is None:
+            return
+        if self.metrics is None:
+            from .metrics import MetricsExporter  # prometheus_client loads only when asked for
+
+            self.metrics = MetricsExporter(lambda: self._status)
+        self.metrics.listen(config.metrics)
 
     def reload_from_signal(self) -> None:
         log.info("SIGHUP: reloading %s", self.config_path)
@@ -294,7 +341,7 @@ class Daemon:
     # ---- pokes (any thread) ----------------------------------------------------------------
     def on_netlink(self, events: list[NlEvent]) -> None:
         """(netlink thread) Poke for what can change the desired state or undo ours."""
-        table = self.config.tag.table
+        tables = {p.table for p in self.config.tag_paths()}
         echo = self._passing or time.monotonic() < self._echo_until
         relevant = False
         for ev in events:
@@ -312,7 +359,7 @@ class Daemon:
             elif ev.kind == "addr":
                 relevant = True  # a gateway may become reachable for a `via` route
             else:
-                ours = ev.table == table or (ev.kind == "route" and ev.proto == ROUTE_PROTO)
+                ours = ev.table in tables or (ev.kind == "route" and ev.proto == ROUTE_PROTO)
                 relevant = relevant or (ours and not (ev.new and echo))
         if relevant:
             self.trigger.poke("netlink", {ROUTING, SYSCTLS}, NETLINK_GAP)
@@ -321,12 +368,13 @@ class Daemon:
         """(nftables thread) Poke for anyone else's transaction: one that touched our table
         repairs it; one that touched another table (Docker, ufw, iptables -F through
         iptables-nft, firewalld) re-reads the host firewall: our accepts there come back and
-        its conflicts are judged again. The batches of our own iptables-nft-restore come from
-        a child's pid: they cost one pass that finds nothing to do."""
-        me = os.getpid()
+        its conflicts are judged again. The kernel names the committing thread (task_pid_nr):
+        our transactions come from the worker. The batches of our own iptables-nft-restore come
+        from a child: they cost one pass that finds nothing to do."""
+        me = {os.getpid(), self._worker_tid}
         ours = others = False
         for b in batches:
-            if b.pid == me:
+            if b.pid in me:
                 continue
             ours = ours or OUR_NFT_TABLE in b.tables
             others = others or bool(b.tables - {OUR_NFT_TABLE}) or not b.tables
@@ -357,16 +405,28 @@ class Daemon:
         command = req.get("command")
         if command == "status":
             return {"ok": True, "status": self._status}
-        if command == "reload":
-            waiter = ReloadWaiter()
-            self.trigger.poke("reload", ALL_PARTS, waiter=waiter)
-            if not waiter.done.wait(RELOAD_WAIT):
-                return {"ok": False, "error": f"the reload did not finish within {RELOAD_WAIT:.0f}s"}
-            return waiter.reply
-        return {"ok": False, "error": f"unknown command {command!r} (status, reload)"}
+        if command not in ("reload", "apply", "down"):
+            return {"ok": False, "error": f"unknown command {command!r} (status, reload, apply, down)"}
+        if command == "apply":
+            # `tagroutectl --config X apply` must not believe X is applied when we run another file.
+            named = req.get("config")
+            if isinstance(named, str) and os.path.realpath(named) != os.path.realpath(self.config_path):
+                return {"ok": False, "error": f"this tagrouted (pid {os.getpid()}) runs {self.config_path}, "
+                                              f"not {named}: edit that file and run `tagroutectl apply` "
+                                              "again, or stop the daemon first"}
+            log.info("tagroutectl apply: re-reading %s and converging", self.config_path)
+        elif command == "down":
+            log.info("tagroutectl down: removing everything tagrouted owns and holding it down")
+        waiter = ReloadWaiter(command)
+        self.trigger.poke("down" if command == "down" else "reload",
+                          () if command == "down" else ALL_PARTS, waiter=waiter)
+        if not waiter.done.wait(RELOAD_WAIT):
+            return {"ok": False, "error": f"the {command} did not finish within {RELOAD_WAIT:.0f}s"}
+        return {**waiter.reply, "pid": os.getpid()}
 
     # ---- the worker ------------------------------------------------------------------------
     def _work(self) -> None:
+        self._worker_tid = threading.get_native_id()
         converger = Converger(self.run_dir)
         interval = self.notifier.watchdog_interval
         self._next_ping = time.monotonic() if interval else None
@@ -479,6 +539,13 @@ class Daemon:
         self._config_digest, self._rejected_digest, self._config_errors = digest, None, []
         if config.resync_interval != old.resync_interval:
             self._next_resync = time.monotonic() + self._interval(config)
+        if config.metrics != old.metrics:
+            try:
+                self._serve_metrics(config)
+            except OSError as e:
+                message = f"metrics.listen {config.metrics}: cannot listen: {e.strerror or e}"
+                log.error("%s; no metrics until a reload with another address", message)
+                self._record_error(message)
         log.info("config %s loaded: roles %s, %d services", self.config_path,
                  ", ".join(config.roles), len(config.services))
         return "applied", []
@@ -486,6 +553,18 @@ class Daemon:
     def _pass(self, converger: Converger, work: Work) -> None:
         causes, parts = work.causes, set(work.parts)
         explicit = "reload" in causes
+        if "down" in causes:
+            self._down(converger, work)
+            return
+        if self.snap.held_down_since is not None and not explicit:
+            # Held down: events, timers and file edits change nothing until a reload; the
+            # tunnel is still watched (a read), so status and metrics follow it.
+            if "file" in causes:
+                self.files.rewatch()
+            if causes & {"netlink", "overflow"}:
+                self._note_tunnels(converger.netlink.host_facts())
+                self._publish(None)
+            return
         file_moved = "file" in causes or ("timer" in causes and self._file_sig_now() != self._file_sig)
         if "file" in causes:
             self.files.rewatch()  # the directory may be a new one
@@ -493,6 +572,8 @@ class Daemon:
         problems: list[str] = []
         if explicit or file_moved:
             outcome, problems = self._reload(explicit)
+            if outcome in ("applied", "rejected"):
+                self.snap.reloads["ok" if outcome == "applied" else "rejected"] += 1
             if outcome == "applied":
                 parts |= ALL_PARTS
             elif outcome == "rejected":
@@ -501,6 +582,12 @@ class Daemon:
                 for w in work.waiters:
                     w.resolve(reply)
                 work.waiters = []
+        if self.snap.held_down_since is not None:
+            if outcome == "applied":
+                log.info("the hold of `tagroutectl down` is released by the reload: converging again")
+                self.snap.held_down_since = None
+            else:
+                parts = set()  # a rejected file keeps the host down, as it found it
         if not parts:
             if outcome in ("applied", "rejected") and self.snap.ready:
                 self.notifier.ready(self._status_line())  # ends RELOADING=1
@@ -517,6 +604,8 @@ class Daemon:
             self._passing = False
         elapsed = time.perf_counter() - t0
         self._echo_until = time.monotonic() + ECHO_WINDOW
+        if self.metrics is not None:
+            self.metrics.observe_pass(elapsed)
         reason = self._reason(result, config, outcome == "applied", "overflow" in causes)
         self._record(result, reason, parts, elapsed, causes)
         if result.backend and (FIREWALL in parts or "timer" in causes):
@@ -572,6 +661,9 @@ class Daemon:
             self.snap.last_change = {"time": now, "message": result.changes[-1].message, "reason": reason}
             if reason in ("drift", "resync"):
                 self.snap.repairs += len(result.changes)
+                for change in result.changes:
+                    by_object = self.snap.repairs_by_object
+                    by_object[change.object] = by_object.get(change.object, 0) + 1
         notes = set(result.notes)
         for note in result.notes:
             if note not in self._last_notes:
@@ -589,18 +681,7 @@ class Daemon:
         if result.conflicts is not None:
             self._note_conflicts(result.conflicts)
         self.snap.in_sync = all(self._part_ok.values()) and not self._blocking()
-        tun = tunnel_interface(self.config)
-        if tun:
-            link = result.facts.link(tun)
-            up = link is not None and link.up
-            if up != self.snap.tunnel_up:
-                if self.snap.tunnel_up is not None or not up:
-                    if up:
-                        log.info("tunnel %s is up", tun)
-                    else:
-                        log.warning("tunnel %s is %s: tagged replies meet the unreachable fallback",
-                                    tun, "down" if link else "gone")
-                self.snap.tunnel_up = up
+        self._note_tunnels(result.facts)
         if result.errors:
             self._failed("; ".join(result.errors))
         elif self.snap.in_sync:  # a pass that skipped the failing part has not recovered it
@@ -632,6 +713,34 @@ class Daemon:
                 log.info("conflict cleared: %s chain %s %s", c.table, c.chain, c.rule, extra=extra)
         self.snap.conflicts = now
 
+    def _note_tunnels(self, facts: HostFacts) -> None:
+        """Each watched tunnel's state, logged when it changes; tunnel_up: all of them up."""
+        config = self.config
+        by_tunnel: dict[str, list[str]] = {}
+        if config.paths:
+            for p in config.paths:
+                if (tun := path_tunnel(config, p)) is not None:
+                    by_tunnel.setdefault(tun, []).append(p.name)
+        was, now = self.snap.tunnels_up, {}
+        for tun in watched_tunnels(config):
+            link = facts.link(tun)
+            up = now[tun] = link is not None and link.up
+            if up == was.get(tun) or (was.get(tun) is None and up):
+                continue
+            if up:
+                log.info("tunnel %s is up", tun)
+            elif tun in by_tunnel:
+                others = len(config.paths) > len(by_tunnel[tun])
+                log.warning("tunnel %s is %s: tagged replies of path %s meet its unreachable fallback%s",
+                            tun, "down" if link else "gone", ", ".join(by_tunnel[tun]),
+                            "; the other paths keep working" if others else "")
+            else:
+                log.warning("tunnel %s is %s: tagged replies meet the unreachable fallback",
+                            tun, "down" if link else "gone")
+        self.snap.tunnels_up = now
+        if now:
+            self.snap.tunnel_up = all(now.values())
+
     def _log_change(self, change: Change, reason: str) -> None:
         extra = fields(TAGROUTED_ACTION=change.action, TAGROUTED_OBJECT=change.object,
                        TAGROUTED_REASON=reason)
@@ -660,9 +769,53 @@ class Daemon:
     def _read_counters(self, converger: Converger, result: ConvergeResult) -> None:
         try:
             assert result.backend is not None
-            self.snap.counters = converger.backend(result.backend).counters(result.desired.firewall)
+            backend = converger.backend(result.backend)
+            self.snap.counters = backend.counters(result.desired.firewall)
+            self.snap.path_counters = backend.path_counters(result.desired.firewall)
         except Exception as e:  # counters are informative: never fail a pass over them
             log.debug("reading counters failed: %s", e)
+
+    def _down(self, converger: Converger, work: Work) -> None:
+        """`tagroutectl down`: remove everything we own, restore the sysctls, and stay down."""
+        t0 = time.perf_counter()
+        result = converger.converge(None, self.config.tag)
+        elapsed = time.perf_counter() - t0
+        now = time.time()
+        for change in result.changes:
+            self._log_change(change, "down")
+        if result.changes:
+            self.snap.last_change = {"time": now, "message": result.changes[-1].message, "reason": "down"}
+        self.snap.passes += 1
+        self.snap.last_converge = {"time": now, "trigger": "+".join(sorted(work.causes)),
+                                   "reason": "down" if result.changes else None,
+                                   "duration_ms": round(elapsed * 1000, 3),
+                                   "changes": len(result.changes), "parts": sorted(ALL_PARTS)}
+        if self.snap.held_down_since is None:
+            self.snap.held_down_since = now
+        self.snap.counters = {}  # the rules that counted are gone
+        self.snap.conflicts = {}  # nothing of ours to block: judged again on the release pass
+        self._note_tunnels(result.facts)
+        self._part_ok = dict.fromkeys(ALL_PARTS, False)  # the release pass re-checks everything
+        self.snap.in_sync = False
+        self._retry_at = None  # nothing is retried while held down
+        self._backoff = FIRST_RETRY
+        self._last_desired = self._last_links = None
+        for error in result.errors:
+            log.error("tagroutectl down: %s", error)
+        if result.errors:
+            self._record_error("down: " + "; ".join(result.errors))
+        log.warning("held down by `tagroutectl down`: nothing is applied until `tagroutectl apply`, "
+                    "`tagroutectl reload`, SIGHUP or a restart")
+        reply: dict[str, Any] = {"ok": True, "changes": [c.message for c in result.changes],
+                                 "notes": list(result.notes)}
+        if result.errors:
+            reply["apply_errors"] = list(result.errors)
+        for w in work.waiters:
+            w.resolve(reply if w.command == "down" else {
+                "ok": False, "errors": ["a `tagroutectl down` came at the same time: everything is "
+                                        "removed and held down; run this again to bring it back"]})
+        self._publish(result)
+        self.notifier.status(self._status_line())
 
     def _on_stop(self, converger: Converger, work: Work) -> None:
         for w in work.waiters:
@@ -673,7 +826,7 @@ class Daemon:
             return
         log.info("stopping; on_stop: remove: taking away everything tagrouted owns")
         try:
-            result = converger.converge(None, config.tag)
+            result = converger.converge(None, config.tag, paths=config.tag_paths())
         except Exception as e:
             log.exception("on_stop: remove failed: %s", e)
             self.exit_code = 1
@@ -700,7 +853,11 @@ class Daemon:
             head = "NOT in sync, retrying"
         parts = [head]
         tun = tunnel_interface(config)
-        if tun:
+        if config.paths and s.tunnels_up:
+            parts.append("paths " + ", ".join(
+                f"{p.name} {'up' if s.tunnels_up.get(t) else 'down'}"
+                for p in config.paths if (t := path_tunnel(config, p)) is not None))
+        elif tun:
             parts.append(f"tunnel {tun} {'up' if s.tunnel_up else 'down'}")
         parts.append(f"{len(config.services)} services")
         parts.append(f"{s.repairs} repairs")
@@ -708,6 +865,10 @@ class Daemon:
             parts.append("last change " + time.strftime("%H:%M:%S", time.localtime(s.last_change["time"])))
         if self._config_errors:
             parts.append("config on disk rejected")
+        if s.held_down_since is not None:
+            parts[0] = ("HELD DOWN by tagroutectl down since "
+                        + time.strftime("%H:%M:%S", time.localtime(s.held_down_since))
+                        + ": nothing applied until reload")
         if s.last_error and (not s.in_sync or self._config_errors):
             parts.append(f"last error: {s.last_error['message']}")
         return "; ".join(parts)[:400]
@@ -722,6 +883,19 @@ class Daemon:
                 "name": svc.name, "proto": svc.proto, "port": str(svc.port), "address": str(svc.address),
                 "packets": counters[0] if counters else None, "bytes": counters[1] if counters else None,
             })
+        paths = []
+        if config.has("vpn-client") or config.has("service"):
+            for p in config.tag_paths():
+                tun = path_tunnel(config, p)
+                counts = s.path_counters.get(p.name) or {}
+                paths.append({
+                    "name": p.name, "dscp": p.dscp, "mark": p.mark, "table": p.table,
+                    "priority": p.priority, "tunnel": tun,
+                    "tunnel_up": s.tunnels_up.get(tun) if tun else None,
+                    "via": [str(v) for v in p.via] if tun is None else [],
+                    **{what: ({"packets": c[0], "bytes": c[1]} if (c := counts.get(what)) else None)
+                       for what in ("requests", "replies")},
+                })
         self._status = {
             "version": __version__,
             "pid": os.getpid(),
@@ -734,13 +908,21 @@ class Daemon:
             "tunnel_interface": tunnel_interface(config),
             "tunnel_up": s.tunnel_up,
             "ready": s.ready,
-            "in_sync": s.in_sync and s.ready,
+            "in_sync": s.in_sync and s.ready and s.held_down_since is None,
             "last_converge": s.last_converge,
             "last_change": s.last_change,
             "repairs": s.repairs,
+            "repairs_by_object": dict(s.repairs_by_object),  # copies: the worker goes on counting
+            "reloads": dict(s.reloads),
+            "held_down": s.held_down_since is not None,
+            "held_down_since": s.held_down_since,
+            "metrics_listen": str(config.metrics) if config.metrics else None,
             "last_error": s.last_error,
             "config_errors": list(self._config_errors),
             "services": services,
+            # one entry per path (issue 14): its tag, its tunnel here and whether it is up, and
+            # its counters (requests tagged on the way in, replies sent back through it)
+            "paths": paths,
             "passes": s.passes,
             "netlink_overflows": self.netlink.overflows,
             "resync_interval": config.resync_interval,

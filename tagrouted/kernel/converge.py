@@ -19,6 +19,9 @@ What is ours (issue 16: sweeps once deleted wg-quick's and Tailscale's state):
 - routing tables: a table is wholly ours once recorded in RUN_DIR/tables.json. Recording it
   (adoption) is refused while it holds routes we did not make (proto != ROUTE_PROTO), with an
   error naming them; after that its whole content is ours. Elsewhere, routes of ROUTE_PROTO only.
+- several paths (`paths:`, issue 14): one table and one brand per path, each adopted on its own;
+  a refused table leaves its path's rule and routes untouched this pass while the other paths
+  go ahead (a tunnel or table of one public server must not take the others down).
 - with nothing recorded and no config (`down` on a fresh host), only brand-exact objects of the
   default tag go.
 Threading: one Converger per process, used from one thread (the reconcile worker or the CLI).
@@ -30,8 +33,9 @@ import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from ..core.config import RESERVED_TABLES, Config, Tag
+from ..core.config import RESERVED_TABLES, Config, Tag, TagPath
 from ..core.desired import desired_state, empty_state, forwarded_families
 from ..core.hostfw import Conflict
 from ..core.plan import route_key, route_line, rule_line, sysctl_line
@@ -85,6 +89,7 @@ class Converger:
         # This pass's view of what is ours (set by _adopt): whole tables and rule brands.
         self._tables: frozenset[int] = frozenset()
         self._brands: frozenset[Brand] = frozenset()
+        self._refused: frozenset[int] = frozenset()  # tables another program fills (not ours)
         self._backends: dict[str, FirewallBackend] = {}
         self.hostfw = HostFirewall()
         # desired_state is pure: the same config object and equal facts give the same state,
@@ -125,9 +130,11 @@ class Converger:
 
     def converge(self, config: Config | None, tag: Tag | None = None, *,
                  dry_run: bool = False, parts: frozenset[str] = ALL_PARTS,
-                 sweep_other_backend: bool | None = None) -> ConvergeResult:
+                 sweep_other_backend: bool | None = None,
+                 paths: tuple[TagPath, ...] | None = None) -> ConvergeResult:
         """Make the kernel hold exactly what `config` wants here (nothing, when None: then both
-        backends' state goes).
+        backends' state goes; `paths` (or `tag`) then names the brands to sweep besides the
+        recorded ones).
 
         `parts` narrows the work to ROUTING, SYSCTLS and/or FIREWALL: a link event cannot change
         what our firewall should hold (it names interfaces, not indexes), so it needs no
@@ -141,9 +148,10 @@ class Converger:
             result.backend = choose(config.firewall.backend).backend
         if sweep_other_backend is None:
             sweep_other_backend = parts >= ALL_PARTS
-        brand = Brand(tag.priority, tag.mark, tag.table)
+        owners = _owners(config, tag, paths)
+        brands = frozenset(owners)
         steps: list[tuple[str, str, Callable[[ConvergeResult, bool], None]]] = [
-            (ROUTING, "routing tables", lambda r, d: self._adopt(r, d, brand)),
+            (ROUTING, "routing tables", lambda r, d: self._adopt(r, d, owners)),
             (ROUTING, "policy rules", self._rules),
             (ROUTING, "routes", self._routes),
             (SYSCTLS, "sysctls", self._sysctls),
@@ -165,37 +173,45 @@ class Converger:
             self._sweep_other_backends(result, dry_run)
         if ROUTING in parts and result.ok and not dry_run:
             # earlier tables and brands were swept in this pass: only the current ones stay ours
-            uses = _uses_table(desired, brand.table)
-            self.record.write(frozenset({brand.table}) if uses else frozenset(),
-                              frozenset({brand}) if desired.rules else frozenset())
+            self.record.write(frozenset(b.table for b in brands if _uses_table(desired, b.table)),
+                              _rule_brands(desired) & brands)
         return result
 
     # ---- steps ---------------------------------------------------------------------------
-    def _adopt(self, result: ConvergeResult, dry_run: bool, brand: Brand) -> None:
-        """Decide what is ours this pass; record table T before we first write into it."""
-        tables, brands = self.record.read()
+    def _adopt(self, result: ConvergeResult, dry_run: bool, owners: dict[Brand, str]) -> None:
+        """Decide what is ours this pass; record each path's table before we first write into it.
+
+        A table that holds routes we did not make is refused on its own (an error naming them):
+        its rule and routes are left alone this pass, the other paths' tables go ahead."""
+        tables, recorded = self.record.read()
         desired = result.desired
-        if _uses_table(desired, brand.table) and brand.table not in tables:
-            foreign = sorted((r for r in self.netlink.read_routes({brand.table})
-                              if r.table == brand.table and r.proto != ROUTE_PROTO), key=route_key)
-            if foreign:
-                raise Refused(
-                    f"table {brand.table} holds routes tagrouted did not make: "
-                    + "; ".join(f"{r.describe()}{' (IPv6)' if r.family == 6 else ''}" for r in foreign[:5])
-                    + (f" (+{len(foreign) - 5} more)" if len(foreign) > 5 else "")
-                    + f". Another program uses table {brand.table}: pick another tag.table, or remove "
-                      "those routes if they are stale, so tagrouted can own the table")
-            tables = tables | {brand.table}
-            if desired.rules:
-                brands = brands | {brand}
+        self._refused = frozenset()
+        new_tables: set[int] = set()
+        refused: set[int] = set()
+        for brand, key in sorted(owners.items()):
+            table = brand.table
+            if table in tables or table in new_tables or table in refused or not _uses_table(desired, table):
+                continue
+            foreign = sorted((r for r in self.netlink.read_routes({table})
+                              if r.table == table and r.proto != ROUTE_PROTO), key=route_key)
+            if not foreign:
+                new_tables.add(table)
+                continue
+            refused.add(table)
+            result.errors.append(
+                f"routing tables: table {table} holds routes tagrouted did not make: "
+                + "; ".join(f"{r.describe()}{' (IPv6)' if r.family == 6 else ''}" for r in foreign[:5])
+                + (f" (+{len(foreign) - 5} more)" if len(foreign) > 5 else "")
+                + f". Another program uses table {table}: pick another {key}, or remove "
+                  "those routes if they are stale, so tagrouted can own the table")
+        wanted = frozenset(b for b in _rule_brands(desired) & frozenset(owners) if b.table not in refused)
+        if new_tables or not wanted <= recorded:
+            tables, recorded = tables | new_tables, recorded | wanted
             if not dry_run:
-                self.record.write(tables, brands)  # recorded before we write into it
-        elif desired.rules and brand not in brands:
-            brands = brands | {brand}
-            if not dry_run:
-                self.record.write(tables, brands)
+                self.record.write(tables, recorded)  # recorded before we write into it
         self._tables = frozenset(tables)
-        self._brands = frozenset(brands | {brand})
+        self._brands = frozenset(recorded | {b for b in owners if b.table not in refused})
+        self._refused = frozenset(refused)
 
     def _kernel_rules(self) -> frozenset[PolicyRule]:
         """Our rules in the kernel: those of our brands, whatever their mask."""
@@ -206,29 +222,29 @@ class Converger:
                          if (r.priority, r.fwmark) in marks)
 
     def _rules(self, result: ConvergeResult, dry_run: bool) -> None:
-        desired = result.desired
-        kernel = self._kernel_rules()
-        for rule in sorted(desired.rules - kernel):
+        desired = _outside(result.desired.rules, self._refused)
+        kernel = _outside(self._kernel_rules(), self._refused)
+        for rule in sorted(desired - kernel):
             if not dry_run:
                 self.netlink.add_rule(rule)
             result.changes.append(_change("added", "rule", rule.describe(), rule.family))
-        for rule in sorted(kernel - desired.rules):
+        for rule in sorted(kernel - desired):
             if not dry_run:
                 self.netlink.del_rule(rule)
             result.changes.append(_change("removed", "rule", rule.describe(), rule.family))
 
     def _routes(self, result: ConvergeResult, dry_run: bool) -> None:
-        desired = result.desired
-        kernel = self.netlink.read_routes(self._tables)
+        desired = _outside(result.desired.routes, self._refused)
+        kernel = _outside(self.netlink.read_routes(self._tables), self._refused)
         errors: list[str] = []
-        for route in sorted(desired.routes - kernel, key=route_key):
+        for route in sorted(desired - kernel, key=route_key):
             try:
                 if not dry_run:
                     self.netlink.add_route(route)
                 result.changes.append(_change("added", "route", route.describe(), route.family))
             except Exception as e:
                 errors.append(f"{route_line(route)}: {e}")
-        for route in sorted(kernel - desired.routes, key=route_key):
+        for route in sorted(kernel - desired, key=route_key):
             try:
                 if not dry_run:
                     self.netlink.del_route(route)
@@ -342,8 +358,27 @@ class Brand:
     table: int
 
 
+def _owners(config: Config | None, tag: Tag, paths: tuple[TagPath, ...] | None) -> dict[Brand, str]:
+    """The brands of this pass (one per path) and the config key that names each one's table."""
+    if config is not None:
+        paths = config.tag_paths()
+    if not paths or (config is not None and not config.paths):
+        t = paths[0] if paths else tag
+        return {Brand(t.priority, t.mark, t.table): "tag.table"}
+    return {Brand(p.priority, p.mark, p.table): f"table for path {p.name}" for p in paths}
+
+
 def _uses_table(desired: DesiredState, table: int) -> bool:
-    return bool(desired.rules) or any(r.table == table for r in desired.routes)
+    return any(r.table == table for r in desired.rules) or any(r.table == table for r in desired.routes)
+
+
+def _rule_brands(desired: DesiredState) -> frozenset[Brand]:
+    return frozenset(Brand(r.priority, r.fwmark, r.table) for r in desired.rules)
+
+
+def _outside(items: frozenset[Any], refused: frozenset[int]) -> frozenset[Any]:
+    """Rules or routes not in a refused table (a table we may not own leaves its rule alone too)."""
+    return items if not refused else frozenset(x for x in items if x.table not in refused)
 
 
 RECORD_FILE = "tables.json"
@@ -419,7 +454,9 @@ def host_context(config: Config | None) -> HostContext:
     """The tunnels whose effective rp_filter matters and the families the roles forward."""
     if config is None:
         return HostContext()
-    tunnels = (config.vpn_client.tunnel_interface,) if config.vpn_client and config.has("vpn-client") else ()
+    tunnels: tuple[str, ...] = ()
+    if config.has("vpn-client"):
+        tunnels = tuple(t for p in config.tag_paths() if (t := p.tunnel_interface))
     return HostContext(tunnels, tuple(sorted(forwarded_families(config))))
 
 
@@ -430,18 +467,21 @@ def _fam(family: int) -> str:
 def drift_lines(converger: Converger, config: Config) -> list[str]:
     """`tagroutectl diff`: +/- lines of what the kernel lacks (+) or has in excess (-)."""
     desired, facts = converger.desired(config, config.tag)
-    tag = config.tag
     lines: list[str] = []
+    adopted = ConvergeResult(desired, facts)
     try:
-        converger._adopt(ConvergeResult(desired, facts), True, Brand(tag.priority, tag.mark, tag.table))
+        converger._adopt(adopted, True, _owners(config, config.tag, None))
     except Refused as e:
         return [f"!{e}"]
-    kernel_rules = converger._kernel_rules()
-    lines += [f"+{rule_line(r)}" for r in sorted(desired.rules - kernel_rules)]
-    lines += [f"-{rule_line(r)}" for r in sorted(kernel_rules - desired.rules)]
-    kernel_routes = converger.netlink.read_routes(converger._tables)
-    lines += [f"+{route_line(r)}" for r in sorted(desired.routes - kernel_routes, key=route_key)]
-    lines += [f"-{route_line(r)}" for r in sorted(kernel_routes - desired.routes, key=route_key)]
+    lines += [f"!{e.removeprefix('routing tables: ')}" for e in adopted.errors]
+    refused = converger._refused
+    want_rules, kernel_rules = _outside(desired.rules, refused), _outside(converger._kernel_rules(), refused)
+    lines += [f"+{rule_line(r)}" for r in sorted(want_rules - kernel_rules)]
+    lines += [f"-{rule_line(r)}" for r in sorted(kernel_rules - want_rules)]
+    want_routes = _outside(desired.routes, refused)
+    kernel_routes = _outside(converger.netlink.read_routes(converger._tables), refused)
+    lines += [f"+{route_line(r)}" for r in sorted(want_routes - kernel_routes, key=route_key)]
+    lines += [f"-{route_line(r)}" for r in sorted(kernel_routes - want_routes, key=route_key)]
     for s in desired.sysctls:
         current = read_sysctl(s.key)
         if current is not None and current != s.value:

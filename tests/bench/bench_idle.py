@@ -3,7 +3,10 @@ flaps make it grow.
 
 1. Idle: a gateway with 10 services at the default resync_interval; after the first converge
    and a short settle, the daemon's CPU time (utime + stime from /proc/PID/stat, all threads)
-   over --idle seconds, as a share of one core, and its RSS (sampled every second).
+   over --idle seconds, as a share of one core, and its RSS (sampled every second). Two such
+   daemons side by side over the same window: one without metrics, one with `metrics.listen`
+   set and /metrics scraped every 15 s (the scrape_interval of Prometheus' example config)
+   from inside its namespace.
    Goals: <= 0.5 % of one core, <= 50 MB.
 2. Flaps: a vpn-client daemon; its RSS before any flap, after the first 100 (warm: caches,
    first-use allocations) and after --flaps down/up cycles of tun0 (each waits until table 42
@@ -25,11 +28,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as B
+from daemon_harness import http_get_metrics
 
 GOAL_CPU = 0.005
 GOAL_RSS = 50 * 2**20
 GOAL_GROWTH = 2 * 2**20
 SETTLE = 5.0
+METRICS_LISTEN = "127.0.0.1:9542"
+SCRAPE_EVERY = 15.0
 
 
 def flap(n: int) -> int:
@@ -48,26 +54,45 @@ def flap(n: int) -> int:
     return missed
 
 
-def idle(seconds: float, tmp: Path) -> dict[str, Any]:
-    ns, peer = B.gateway_host("idle")
-    daemon = None
+def idle(seconds: float, tmp: Path) -> dict[str, dict[str, Any]]:
+    """Both daemons (metrics off, metrics on) side by side over the same window, so the other
+    load on the machine weighs on both alike; {"off": figures, "on": figures}."""
+    hosts: dict[str, tuple[B.Netns, B.Netns, B.Daemon | None]] = {}
     try:
-        config = tmp / "gateway-10.yaml"
-        config.write_text(B.gateway_config(10))
-        daemon = B.Daemon(ns, config, tmp / "run-idle", tmp / "idle.log")
-        daemon.wait_ready()
+        for name in ("off", "on"):
+            ns, peer = B.gateway_host(f"idle-{name}")
+            hosts[name] = (ns, peer, None)
+            config = tmp / f"idle-{name}.yaml"
+            config.write_text(B.gateway_config(10)
+                              + (f'metrics: {{listen: "{METRICS_LISTEN}"}}\n' if name == "on" else ""))
+            hosts[name] = (ns, peer, B.Daemon(ns, config, tmp / f"run-idle-{name}", tmp / f"idle-{name}.log"))
+        daemons = {name: d for name, (_, _, d) in hosts.items() if d is not None}
+        for d in daemons.values():
+            d.wait_ready()
         time.sleep(SETTLE)
-        rss: list[int] = []
-        cpu0, t0 = daemon.cpu_seconds(), time.monotonic()
+        rss: dict[str, list[int]] = {name: [] for name in daemons}
+        scrapes = 0
+        next_scrape = time.monotonic()
+        cpu0, t0 = {name: d.cpu_seconds() for name, d in daemons.items()}, time.monotonic()
         while time.monotonic() - t0 < seconds:
-            rss.append(daemon.rss_bytes())
+            if time.monotonic() >= next_scrape:
+                hosts["on"][0].call(http_get_metrics, METRICS_LISTEN, timeout=30)
+                scrapes += 1
+                next_scrape += SCRAPE_EVERY
+            for name, d in daemons.items():
+                rss[name].append(d.rss_bytes())
             time.sleep(1)
-        cpu1, t1 = daemon.cpu_seconds(), time.monotonic()
-        status = daemon.request("status")["status"]
-        return {"cpu": (cpu1 - cpu0) / (t1 - t0), "rss_max": max(rss), "rss_end": rss[-1],
-                "seconds": t1 - t0, "passes": status.get("passes"), "repairs": status.get("repairs")}
+        cpu1, t1 = {name: d.cpu_seconds() for name, d in daemons.items()}, time.monotonic()
+        out = {}
+        for name, d in daemons.items():
+            status = d.request("status")["status"]
+            out[name] = {"cpu": (cpu1[name] - cpu0[name]) / (t1 - t0), "rss_max": max(rss[name]),
+                         "rss_end": rss[name][-1], "seconds": t1 - t0, "passes": status.get("passes"),
+                         "repairs": status.get("repairs"), "scrapes": scrapes if name == "on" else 0}
+        return out
     finally:
-        B.teardown(daemon, ns, peer)
+        for ns, peer, d in hosts.values():
+            B.teardown(d, ns, peer)
 
 
 def flaps(n: int, tmp: Path) -> dict[str, Any]:
@@ -106,16 +131,21 @@ def main() -> int:
     mb = 2**20
     with tempfile.TemporaryDirectory(prefix="tgr-bench-idle-") as tmpdir:
         try:
-            i = idle(args.idle, Path(tmpdir))
+            both = idle(args.idle, Path(tmpdir))
+            i, im = both["off"], both["on"]
             f = flaps(max(args.flaps, 101), Path(tmpdir))
         finally:
             B.sweep_run_prefix()
     B.print_table(f"Idle: gateway, 10 services, resync_interval 2 s, {i['seconds']:.0f} s",
-                  ["measure", "value", "goal"], [
-                      ["CPU, share of one core", f"{i['cpu'] * 100:.2f} %", f"<= {GOAL_CPU * 100:.1f} %"],
-                      ["RSS, max over the run", f"{i['rss_max'] / mb:.1f} MB", f"<= {GOAL_RSS / mb:.0f} MB"],
-                      ["RSS at the end", f"{i['rss_end'] / mb:.1f} MB", ""],
-                      ["passes / repairs (status)", f"{i['passes']} / {i['repairs']}", ""],
+                  ["measure", "metrics off", f"metrics on, scraped every {SCRAPE_EVERY:.0f} s", "goal"], [
+                      ["CPU, share of one core", f"{i['cpu'] * 100:.2f} %", f"{im['cpu'] * 100:.2f} %",
+                       f"<= {GOAL_CPU * 100:.1f} %"],
+                      ["RSS, max over the run", f"{i['rss_max'] / mb:.1f} MB", f"{im['rss_max'] / mb:.1f} MB",
+                       f"<= {GOAL_RSS / mb:.0f} MB"],
+                      ["RSS at the end", f"{i['rss_end'] / mb:.1f} MB", f"{im['rss_end'] / mb:.1f} MB", ""],
+                      ["passes / repairs (status)", f"{i['passes']} / {i['repairs']}",
+                       f"{im['passes']} / {im['repairs']}", ""],
+                      ["scrapes", "-", str(im["scrapes"]), ""],
                   ])
     B.print_table(f"Memory across tunnel flaps: vpn-client, {max(args.flaps, 101)} down/up cycles "
                   f"in {f['elapsed']:.0f} s",

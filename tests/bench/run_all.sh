@@ -43,4 +43,5 @@ run bench_scale --profile -- --quick --profile
 run bench_idle --idle 120 --flaps 2000 -- --idle 10 --flaps 200
 run bench_ctl --trials 30 -- --trials 3
 run bench_check --trials 5 -- --trials 1
+run bench_nftables -- --quick
 run bench_hostfw --trials 10 --legacy-trials 3 -- --trials 3 --legacy-trials 1

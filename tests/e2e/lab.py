@@ -25,7 +25,20 @@ Combined layout (layout="combined"): the remote is a VPS running the VPN server 
 router of home-router.yaml (vpn-client + service, 192.168.100.2, the service runs there; `web`
 is that namespace). The ISP's NAT box stays upstream as `homerouter`. vps.yaml and
 home-router.yaml are a pair (services at 192.168.100.2 / fd00:100::2). Every example file
-serves the lab unchanged.
+serves the lab unchanged; the lab's copy adds only `metrics.listen` (scraped with `metrics()`).
+
+Multipath layout (layout="multipath", issue 14: two public servers, each reply back through the
+tunnel its request came through): the seed's hosts with server A (remote + vpnserver, OpenVPN,
+tun0) plus server B, a VPS that is gateway and WireGuard server in one:
+
+    client ── isp ── remote 192.0.2.200 ── vpnserver (OpenVPN)      ║ tun0  (path server-a)
+               ├──── vps 198.18.0.200, 2001:db8:d::200 (WireGuard, udp 51820) ║ wg0 (path server-b)
+               └──── homerouter ── br0 ── vpnclient (tun0 + wg0), web, lanhost
+
+Configs: remote-server.yaml and vpn-server.yaml (server A, unchanged), vps-wireguard.yaml,
+vpn-client-multipath.yaml, web-service-multipath.yaml. The lab's own counters (an nft table
+`inet lab`, which no role touches): on the vpn client, the web service's packets leaving through
+each tunnel (tunnel_replies); on the home ISP box, its packets leaving through the WAN (leaked).
 
 Tunnel: OpenVPN (TLS, tls-auth, `mode server`, client-config-dir with `iroute`, `route`/`push`)
 on udp 1194, or WireGuard through wireguard-go on the same port; the client dials
@@ -55,6 +68,7 @@ for _p in (str(HERE), str(HERE.parent)):  # peer_echo, nslab: also when run as a
         sys.path.insert(0, _p)
 
 import peer_echo  # noqa: E402 - found through the path set just above
+from daemon_harness import scrape  # noqa: E402
 from nslab import Netns, veth, wait_for  # noqa: E402
 
 REPO = HERE.parents[1]
@@ -69,10 +83,20 @@ HOME_WAN4, HOME_WAN6 = "203.0.113.2", "2001:db8:b::2"
 LANHOST4, LANHOST6 = "192.168.100.4", "fd00:100::4"
 VPN_PORT = 1194
 TLS_PORT, UDP_PORT = 443, 7000          # configured in the example files
+METRICS_LISTEN = "127.0.0.1:9542"       # added to each host's copy of its example
 SPARE_TLS_PORT, SPARE_UDP_PORT = 8443, 7001   # the service listens here too; not configured
 
+# multipath: server B, a VPS with WireGuard on its own public addresses
+PUBLIC_B4, PUBLIC_B6 = "198.18.0.200", "2001:db8:d::200"
+WG_PORT = 51820
+# path name -> (public IPv4, public IPv6, the tunnel at home, what carries it), as the examples say
+SERVERS = {"server-a": (PUBLIC4, PUBLIC6, "tun0", "OpenVPN to server A"),
+           "server-b": (PUBLIC_B4, PUBLIC_B6, "wg0", "WireGuard to server B, a VPS")}
+PATH_MARKS = {"server-a": 42, "server-b": 43}  # the marks the multipath examples give each path
+SERVICE4, SERVICE6 = "192.168.100.3", "fd00:100::3"
+
 Variant = Literal["openvpn", "wireguard"]
-Layout = Literal["seed", "combined"]
+Layout = Literal["seed", "combined", "multipath"]
 Manager = Literal["tagrouted", "apply", "recipe"]
 
 _open_labs: weakref.WeakSet[Lab] = weakref.WeakSet()
@@ -149,8 +173,10 @@ class Lab:
                  progress: Callable[[str], None] | None = None,
                  keep_dir: bool = bool(os.environ.get("TAGROUTED_LAB_KEEP")),
                  backend: str | None = None) -> None:
-        assert variant in ("openvpn", "wireguard") and layout in ("seed", "combined")
+        assert variant in ("openvpn", "wireguard") and layout in ("seed", "combined", "multipath")
         assert manager in ("tagrouted", "apply", "recipe")
+        # multipath: server A is the seed's OpenVPN pair, server B WireGuard; no recipe for it
+        assert layout != "multipath" or (variant == "openvpn" and manager != "recipe")
         if manager == "tagrouted" and not daemon_available():
             manager = "apply"
         self.variant, self.layout, self.manager = variant, layout, manager
@@ -164,6 +190,8 @@ class Lab:
         self.daemons: dict[str, subprocess.Popen[bytes]] = {}
         self.vpn_server_proc: subprocess.Popen[bytes] | None = None
         self.vpn_client_proc: subprocess.Popen[bytes] | None = None
+        self.wg_b_server_proc: subprocess.Popen[bytes] | None = None  # multipath: server B
+        self.wg_b_client_proc: subprocess.Popen[bytes] | None = None
         self._logs: list[IO[bytes]] = []
         self.tmp = Path()  # made by build(): a lab never entered leaves nothing behind
         combined = layout == "combined"
@@ -173,6 +201,9 @@ class Lab:
         # host -> example file it runs with (the daemon's config is the lab's copy)
         self.examples: dict[str, str] = (
             {"remote": "vps.yaml", "vpnclient": "home-router.yaml"} if combined else
+            {"remote": "remote-server.yaml", "vpnserver": "vpn-server.yaml", "vps": "vps-wireguard.yaml",
+             "vpnclient": "vpn-client-multipath.yaml", "web": "web-service-multipath.yaml"}
+            if layout == "multipath" else
             {"remote": "remote-server.yaml", "vpnserver": "vpn-server.yaml",
              "vpnclient": "vpn-client.yaml", "web": "web-service.yaml"})
         self.configs: dict[str, Path] = {}
@@ -280,6 +311,12 @@ class Lab:
         self._addr(isp, "r0", "192.0.2.1/24", "2001:db8:a::1/64")
         self._addr(isp, "h0", "203.0.113.1/24", "2001:db8:b::1/64")
         isp.run("sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1")
+        if self.layout == "multipath":  # server B: a VPS on its own link of the ISP core
+            self.vps = vps = self._host("vps")
+            veth(isp, "v0", vps, "eth0")
+            self._addr(isp, "v0", "198.18.0.1/24", "2001:db8:d::1/64")
+            self._addr(vps, "eth0", f"{PUBLIC_B4}/24", f"{PUBLIC_B6}/64")
+            self._default(vps, "198.18.0.1", "2001:db8:d::1")
         # the remote public server (its forwarding is the gateway role's business)
         self._addr(r, "eth0", f"{PUBLIC4}/24", f"{PUBLIC6}/64")
         self._default(r, "192.0.2.1", "2001:db8:a::1")
@@ -306,12 +343,52 @@ class Lab:
             self._addr(ns, "eth0", f"{a4}/24", f"{a6}/64")
             # every home host's default is the ISP box: untagged replies leak there
             self._default(ns, "192.168.100.1", "fd00:100::1")
+        if self.layout == "multipath":
+            self._lab_counters()
+
+    def _lab_counters(self) -> None:
+        """The lab's own nft table `inet lab` (no role touches it): the web service's packets
+        leaving the VPN client through each tunnel, and leaving home through the ISP box's WAN."""
+        tunnels = [tun for _, _, tun, _ in SERVERS.values()]
+        rules = "".join(f'    oifname "{tun}" ip saddr {SERVICE4} counter name "{tun}"\n'
+                        f'    oifname "{tun}" ip6 saddr {SERVICE6} counter name "{tun}"\n' for tun in tunnels)
+        self.vpnclient.run("nft -f -", input="table inet lab {\n"
+                           + "".join(f'  counter {tun} {{ }}\n' for tun in tunnels)
+                           + "  chain through_tunnels {\n    type filter hook postrouting priority 200; policy accept;\n"
+                           + rules + "  }\n}\n")
+        self.homerouter.run("nft -f -", input=(
+            "table inet lab {\n  counter leaked { }\n  chain through_wan {\n"
+            "    type filter hook forward priority 200; policy accept;\n"
+            f'    oifname "wan0" ip saddr {SERVICE4} counter name "leaked"\n'
+            f'    oifname "wan0" ip6 saddr {SERVICE6} counter name "leaked"\n  }}\n}}\n'))
+
+    @staticmethod
+    def _nft_counters(ns: Netns) -> dict[str, int]:
+        doc = json.loads(ns.out("nft -j list counters table inet lab"))
+        return {c["counter"]["name"]: int(c["counter"]["packets"])
+                for c in doc.get("nftables", []) if "counter" in c}
+
+    def tunnel_replies(self) -> dict[str, int]:
+        """multipath: packets from the web service that left the VPN client, per tunnel."""
+        return self._nft_counters(self.vpnclient)
+
+    def late_reply(self, path: str, count: int = 3) -> None:
+        """multipath: what a reply of `path`'s connections looks like to the home network:
+        datagrams from the web service to the client carrying the path's mark there (so its
+        rule, its table and its DSCP stamp), both families; nothing answers them."""
+        for client in (CLIENT4, CLIENT6):
+            self.web.call(peer_echo.send_marked, client, 9, PATH_MARKS[path], count)
+
+    def leaked(self) -> int:
+        """multipath: packets from the web service that left home through the ISP box's WAN."""
+        return self._nft_counters(self.homerouter)["leaked"]
 
     def _write_configs(self) -> None:
         for d in ("etc", "run", "log", "vpn"):
             (self.tmp / d).mkdir()
         for host, example in self.examples.items():
-            text = (EXAMPLES / example).read_text()
+            # Each host is a namespace of its own: the same loopback port serves on every one.
+            text = (EXAMPLES / example).read_text() + f'metrics: {{listen: "{METRICS_LISTEN}"}}\n'
             if self.backend:
                 text = text.rstrip("\n") + f"\nfirewall: {{backend: {self.backend}}}\n"
             path = self.tmp / "etc" / f"{host}.yaml"
@@ -365,6 +442,8 @@ class Lab:
 
     # ---- the VPN -----------------------------------------------------------------------------
     def start_vpn_server(self) -> None:
+        if self.layout == "multipath":
+            self._start_wireguard_b_server()
         if self.variant == "openvpn":
             conf = self._openvpn_server_conf()
             self.vpn_server_proc = self.vpnserver.popen(
@@ -386,7 +465,57 @@ class Lab:
             s.run("ip -4 route add 192.168.100.0/24 dev tun0")
             s.run("ip -6 route add fd00:100::/64 dev tun0")
 
+    def _start_wireguard_b_server(self) -> None:
+        """multipath: server B's WireGuard (wg0) on the VPS itself; the home networks are
+        behind the home peer (its allowed-ips), routed into wg0 by the VPS's gateway role."""
+        self._wg_keys()
+        self.wg_b_server_proc = self._wireguard_go(self.vps, "wireguard-server-b", "wg0")
+        wg = self.tmp / "vpn"
+        self._wg(self.wg_b_server_proc, "set", "wg0", "listen-port", str(WG_PORT),
+                 "private-key", str(wg / "server.key"), "peer", (wg / "client.pub").read_text().strip(),
+                 "allowed-ips", "10.9.0.2/32,fd00:9::2/128,192.168.100.0/24,fd00:100::/64")
+        self._addr(self.vps, "wg0", "10.9.0.1/24", "fd00:9::1/64")
+        self.vps.run("ip link set wg0 up")
+
+    def _start_wireguard_b_client(self, wait: bool = True) -> None:
+        """multipath: the home VPN client's second tunnel, wg0 to server B."""
+        self.wg_b_client_proc = proc = self._wireguard_go(self.vpnclient, "wireguard-client-b", "wg0")
+        wg = self.tmp / "vpn"
+        self._wg(proc, "set", "wg0", "private-key", str(wg / "client.key"),
+                 "peer", (wg / "server.pub").read_text().strip(),
+                 "endpoint", f"{PUBLIC_B4}:{WG_PORT}", "persistent-keepalive", "1",
+                 "allowed-ips", "0.0.0.0/0,::/0")  # replies go to arbitrary Internet addresses
+        self._addr(self.vpnclient, "wg0", "10.9.0.2/24", "fd00:9::2/64")
+        self.vpnclient.run("ip link set wg0 up")
+        if wait:
+            wait_for(lambda: self._wg_handshake_done(proc, "wg0"), timeout=30,
+                     what="the WireGuard handshake with server B")
+
+    def stop_tunnel(self, path: str) -> None:
+        """multipath: end the home end of `path`'s tunnel by PID and wait until its link is gone."""
+        if path == "server-a":
+            self.stop_vpn_client()
+            return
+        proc = self.wg_b_client_proc
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=15)
+        self.wg_b_client_proc = None
+        wait_for(lambda: not self.link_exists(self.vpnclient, "wg0"), timeout=10, what="wg0 gone")
+
+    def start_tunnel(self, path: str, wait: bool = True) -> None:
+        """multipath: start the home end of `path`'s tunnel again."""
+        if path == "server-a":
+            self._start_vpn_client_of_variant(wait)
+        else:
+            self._start_wireguard_b_client(wait)
+
     def start_vpn_client(self, wait: bool = True) -> None:
+        self._start_vpn_client_of_variant(wait)
+        if self.layout == "multipath":
+            self._start_wireguard_b_client(wait)
+
+    def _start_vpn_client_of_variant(self, wait: bool = True) -> None:
         if self.variant == "openvpn":
             log = self.log("openvpn-client")
             offset = log.stat().st_size if log.exists() else 0
@@ -408,7 +537,8 @@ class Lab:
             self._addr(self.vpnclient, "tun0", "10.9.0.2/24", "fd00:9::2/64")
             self.vpnclient.run("ip link set tun0 up")
             if wait:
-                wait_for(self._wg_handshake_done, timeout=30, what="the WireGuard handshake")
+                wait_for(lambda: self._wg_handshake_done(self.vpn_client_proc), timeout=30,
+                         what="the WireGuard handshake")
 
     def stop_vpn_client(self) -> None:
         """End the VPN client by PID and wait until its tun0 is gone."""
@@ -421,7 +551,7 @@ class Lab:
 
     def tunnel_up(self) -> bool:
         if self.variant == "wireguard":
-            return self.link_exists(self.vpnclient, "tun0") and self._wg_handshake_done()
+            return self.link_exists(self.vpnclient, "tun0") and self._wg_handshake_done(self.vpn_client_proc)
         return self.link_exists(self.vpnclient, "tun0")
 
     @staticmethod
@@ -498,14 +628,14 @@ verb 3
             (d / f"{name}.key").chmod(0o600)
             (d / f"{name}.pub").write_text(pub)
 
-    def _wireguard_go(self, ns: Netns, log: str) -> subprocess.Popen[bytes]:
+    def _wireguard_go(self, ns: Netns, log: str, dev: str = "tun0") -> subprocess.Popen[bytes]:
         # wireguard-go's control socket is /run/wireguard/<dev>.sock, shared by every namespace:
         # each instance gets its own tmpfs there, in the mount namespace `ip netns exec` made for it
         proc = ns.popen(["sh", "-c", "mkdir -p /run/wireguard && mount -t tmpfs tmpfs /run/wireguard"
-                         " && exec wireguard-go -f tun0"],
+                         f" && exec wireguard-go -f {dev}"],
                         env={**os.environ, "WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "error"},
                         stdout=self._logfile(log), stderr=subprocess.STDOUT)
-        wait_for(lambda: self._in_wg_ns(proc, ["test", "-S", "/run/wireguard/tun0.sock"]).returncode == 0,
+        wait_for(lambda: self._in_wg_ns(proc, ["test", "-S", f"/run/wireguard/{dev}.sock"]).returncode == 0,
                  timeout=10, what=f"wireguard-go in {ns.name}")
         return proc
 
@@ -520,11 +650,10 @@ verb 3
             raise RuntimeError(f"wg {' '.join(args)}: {res.stderr}")
         return res.stdout
 
-    def _wg_handshake_done(self) -> bool:
-        proc = self.vpn_client_proc
+    def _wg_handshake_done(self, proc: subprocess.Popen[bytes] | None, dev: str = "tun0") -> bool:
         if proc is None or proc.poll() is not None:
             return False
-        res = self._in_wg_ns(proc, ["wg", "show", "tun0", "latest-handshakes"])
+        res = self._in_wg_ns(proc, ["wg", "show", dev, "latest-handshakes"])
         return res.returncode == 0 and any(
             line.split()[-1] != "0" for line in res.stdout.splitlines() if line.strip())
 
@@ -582,6 +711,20 @@ verb 3
         res = self.tagroutectl(host, "status", "--json", timeout=10)
         return json.loads(res.stdout) if res.returncode == 0 else None
 
+    def fresh_status(self, host: str, timeout: float = 15) -> dict[str, Any]:
+        """The daemon's status once a timer pass that started after this call has published it
+        (the daemon reads its counters on timer passes)."""
+        first = self.status(host)
+        assert first is not None, f"no daemon answers on {host}"
+
+        def fresh() -> dict[str, Any] | None:
+            status = self.status(host)
+            last = (status or {}).get("last_converge") or {}
+            if status is None or status["passes"] <= first["passes"] or "timer" not in last.get("trigger", ""):
+                return None
+            return status
+        return wait_for(fresh, timeout=timeout, interval=0.1, what=f"a timer pass on {host}")
+
     def stop_tagrouted(self, hosts: Iterable[str] | None = None, remove_state: bool = False) -> None:
         """SIGTERM each daemon by PID; with remove_state, also `tagroutectl down` there."""
         for host in list(hosts or self.configs):
@@ -596,6 +739,10 @@ verb 3
             if remove_state:
                 self.tagroutectl(host, "down", check=True)
 
+    def metrics(self, host: str) -> dict[str, float]:
+        """The host's tagrouted metrics, scraped from inside its namespace and parsed."""
+        return scrape(self.ns(host), METRICS_LISTEN)
+
     def journal(self, host: str) -> list[str]:
         path = self.log(f"{host}-tagrouted")
         return path.read_text(errors="replace").splitlines() if path.exists() else []
@@ -609,13 +756,20 @@ verb 3
         """A datagram from the Internet client; the peer address the service saw, or None."""
         return self.client.call(peer_echo.ask_udp, address, port, timeout, timeout=timeout + 20)
 
+    def request_all(self, asks: list[tuple[str, str, int]], timeout: float = 3.0) -> list[str | None]:
+        """(proto, address, port) requests from the Internet client all at once; what the service
+        saw for each, in order."""
+        return self.client.call(peer_echo.ask_all, asks, timeout, timeout=timeout + 30)
+
     def wait_path(self, timeout: float = 30) -> float:
-        """Wait until TLS through the public IPv4 address answers with the client's address;
-        returns the seconds it took."""
+        """Wait until TLS through the public IPv4 address (multipath: each server's) answers with
+        the client's address; returns the seconds it took."""
         t0 = time.monotonic()
+        publics = [a4 for a4, _, _, _ in SERVERS.values()] if self.layout == "multipath" else [PUBLIC4]
         try:
-            wait_for(lambda: self.request_tcp(PUBLIC4, TLS_PORT, timeout=1.0) == CLIENT4,
-                     timeout=timeout, interval=0.05, what="TLS through the public address")
+            for public in publics:
+                wait_for(lambda public=public: self.request_tcp(public, TLS_PORT, timeout=1.0) == CLIENT4,
+                         timeout=timeout, interval=0.05, what=f"TLS through the public address {public}")
         except AssertionError as e:
             raise AssertionError(f"{e}\n{self.diagnostics()}") from None
         return time.monotonic() - t0

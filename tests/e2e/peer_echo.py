@@ -139,6 +139,34 @@ def ask_udp(address: str, port: int, timeout: float = 3.0) -> str | None:
     return None
 
 
+SO_MARK = getattr(socket, "SO_MARK", 36)
+
+
+def send_marked(address: str, port: int, mark: int, count: int = 3) -> None:
+    """`count` datagrams to address:port carrying packet mark `mark` (SO_MARK, needs
+    CAP_NET_ADMIN): what the service host's replies of one tagged path look like to routing."""
+    with socket.socket(_family(address), socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        for _ in range(count):
+            with contextlib.suppress(OSError):  # an ICMP unreachable from the previous one
+                sock.sendto(b"late reply\n", (address, port))
+
+
+def ask_all(asks: list[tuple[str, str, int]], timeout: float = 3.0) -> list[str | None]:
+    """Every (proto, address, port) request at once, each in its own thread; the answers in order."""
+    answers: list[str | None] = [None] * len(asks)
+
+    def one(i: int, proto: str, address: str, port: int) -> None:
+        answers[i] = (ask_tcp if proto == "tcp" else ask_udp)(address, port, timeout)
+
+    threads = [threading.Thread(target=one, args=(i, *ask), daemon=True) for i, ask in enumerate(asks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout + 10)
+    return answers
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -17,6 +17,7 @@ import pytest
 from firewall_view import BACKENDS
 from lab import (
     CLIENT4,
+    CLIENT6,
     LANHOST4,
     LANHOST6,
     PUBLIC4,
@@ -55,6 +56,34 @@ def test_every_host_is_in_sync(lab: Lab) -> None:
     for host in lab.configs:
         res = lab.tagroutectl(host, "diff")
         assert res.returncode == 0, f"{host} drifted:\n{res.stdout}{res.stderr}"
+
+
+def test_metrics_in_sync_tunnel_up_and_service_counters_rising_with_traffic(lab: Lab) -> None:
+    """What Prometheus scrapes from each host (the lab adds metrics.listen to every config): in
+    sync, the tunnel up, and the services' counters rising with their traffic on the gateway
+    (its DNAT) and the VPN client (its FORWARD accept), each seeing every new connection."""
+    require_daemon(lab)
+    for host in lab.configs:
+        assert lab.metrics(host)["tagrouted_in_sync"] == 1, host
+    for host in ("vpnserver", "vpnclient"):
+        assert lab.metrics(host)['tagrouted_tunnel_up{interface="tun0"}'] == 1, host
+    watched = [(host, service) for host in ("remote", "vpnclient") for service in ("web", "echo6")]
+
+    def counters() -> dict[tuple[str, str], tuple[float, float]]:
+        scraped = {host: lab.metrics(host) for host in ("remote", "vpnclient")}
+        return {(h, s): (scraped[h][f'tagrouted_service_packets_total{{service="{s}"}}'],
+                         scraped[h][f'tagrouted_service_bytes_total{{service="{s}"}}']) for h, s in watched}
+
+    before = counters()
+    for _ in range(3):
+        assert ask(lab, "tcp", PUBLIC4) == CLIENT4
+        assert ask(lab, "udp", PUBLIC6) == CLIENT6
+    def risen() -> dict[tuple[str, str], tuple[float, float]] | None:
+        now = counters()
+        return now if all(now[k][0] >= before[k][0] + 3 and now[k][1] > before[k][1] for k in watched) else None
+
+    # The worker reads the kernel's counters on each firewall pass: within a resync interval.
+    wait_for(risen, timeout=RESYNC_INTERVAL * 2 + 10, interval=0.2, what="the web and echo6 counters to rise by 3")
 
 
 @pytest.mark.parametrize(("public", "family"), [(PUBLIC4, 4), (PUBLIC6, 6)], ids=["ipv4", "ipv6"])

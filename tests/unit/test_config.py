@@ -18,6 +18,7 @@ from tagrouted.core.config import (
     Config,
     ConfigError,
     ConfigProblem,
+    MetricsSection,
     PortRange,
     Service,
     Tag,
@@ -168,6 +169,24 @@ def test_empty_optional_lists() -> None:
                           "  via: [192.168.200.2]\n  forwards:\n", "e.yaml")
     assert config.services == () and config.tag == Tag()
     assert config.gateway is not None and config.gateway.forwards == ()
+
+
+@pytest.mark.parametrize(("value", "section", "shown"), [
+    ('"127.0.0.1:9542"', MetricsSection(host="127.0.0.1", port=9542), "127.0.0.1:9542"),
+    ('"0.0.0.0:9100"', MetricsSection(host="0.0.0.0", port=9100), "0.0.0.0:9100"),
+    ('"[::1]:9542"', MetricsSection(host="::1", port=9542), "[::1]:9542"),
+    ('"[0:0::0]:80"', MetricsSection(host="::", port=80), "[::]:80"),
+    ("/run/tagrouted/metrics.sock", MetricsSection(path="/run/tagrouted/metrics.sock"),
+     "/run/tagrouted/metrics.sock"),
+])
+def test_metrics_listen_forms(value: str, section: MetricsSection, shown: str) -> None:
+    config = parse_config(vs(f"metrics: {{listen: {value}}}\n"), "m.yaml")
+    assert config.metrics == section and str(config.metrics) == shown
+
+
+def test_metrics_off_when_absent_or_empty() -> None:
+    assert parse_config(vs(), "m.yaml").metrics is None
+    assert parse_config(vs("metrics:\n"), "m.yaml").metrics is None
 
 
 def test_bytes_with_bom_parse() -> None:
@@ -457,6 +476,33 @@ BROKEN: list[tuple[str, str, list[tuple[int, str, str]]]] = [
                                  for i in range(6)),
      [(5, "yaml", "more than 100000 nodes")]),  # line 5: *d x 10 = 10^5 nodes
     ("recursive-alias", vs("x: &r [1, *r]\n"), [(3, "yaml", "contains it")]),
+    # metrics
+    ("metrics-empty", vs("metrics: {}\n"), [(3, "metrics.listen", "required key missing")]),
+    ("metrics-unknown-key", vs("metrics: {listen: \"127.0.0.1:9542\", port: 9542}\n"),
+     [(3, "metrics.port", "unknown key")]),
+    ("metrics-not-mapping", vs("metrics: \"127.0.0.1:9542\"\n"), [(3, "metrics", "expected a mapping")]),
+    ("metrics-int", vs("metrics: {listen: 9542}\n"), [(3, "metrics.listen", "got an integer (9542)")]),
+    ("metrics-no-port", vs("metrics: {listen: \"127.0.0.1\"}\n"),
+     [(3, "metrics.listen", "needs a port, as in 127.0.0.1:9542")]),
+    ("metrics-no-address", vs("metrics: {listen: \":9542\"}\n"),
+     [(3, "metrics.listen", "needs an address before the port")]),
+    ("metrics-name", vs("metrics: {listen: \"localhost:9542\"}\n"),
+     [(3, "metrics.listen", "not an IP address (names are not resolved)")]),
+    ("metrics-ipv6-unbracketed", vs("metrics: {listen: \"::1:9542\"}\n"),
+     [(3, "metrics.listen", "goes in brackets")]),
+    ("metrics-ipv4-bracketed", vs("metrics: {listen: \"[127.0.0.1]:9542\"}\n"),
+     [(3, "metrics.listen", "brackets are for IPv6")]),
+    ("metrics-port-0", vs("metrics: {listen: \"127.0.0.1:0\"}\n"), [(3, "metrics.listen", "port 0 is out of range")]),
+    ("metrics-port-big", vs("metrics: {listen: \"[::1]:65536\"}\n"),
+     [(3, "metrics.listen", "port 65536 is out of range")]),
+    ("metrics-multicast", vs("metrics: {listen: \"224.0.0.1:9542\"}\n"),
+     [(3, "metrics.listen", "not an address to listen on")]),
+    ("metrics-zone", vs("metrics: {listen: \"[fe80::1%eth0]:9542\"}\n"), [(3, "metrics.listen", "zone")]),
+    ("metrics-relative-path", vs("metrics: {listen: run/metrics.sock}\n"),
+     [(3, "metrics.listen", "absolute socket path")]),
+    ("metrics-path-dir", vs("metrics: {listen: /run/tagrouted/}\n"), [(3, "metrics.listen", "name the socket file")]),
+    ("metrics-path-dots", vs("metrics: {listen: /run/tagrouted/../m.sock}\n"), [(3, "metrics.listen", ". or ..")]),
+    ("metrics-path-long", vs("metrics: {listen: /" + "m" * 107 + "}\n"), [(3, "metrics.listen", "longer than 107")]),
 ]
 
 

@@ -51,6 +51,11 @@ class FirewallBackend(Protocol):
         """service name -> (packets, bytes) from the kernel's counters; None: not counted."""
         ...
 
+    def path_counters(self, intent: FirewallIntent) -> dict[str, dict[str, tuple[int, int] | None]]:
+        """path name -> {"requests": (packets, bytes), "replies": ...}: what arrived tagged through
+        each path and what went back through it; None: not counted (yet)."""
+        ...
+
     def holds_state(self) -> bool:
         """Whether anything of ours is in this backend's part of the kernel."""
         ...

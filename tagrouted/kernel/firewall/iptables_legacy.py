@@ -70,7 +70,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ...core.diff import FAMILY_NAME, chain_changes
-from ...core.iptables_rules import counted_rules, legacy_chains
+from ...core.iptables_rules import CountedRule, counted_rules, legacy_chains, path_counted_rules
 from ...core.plan import jump_line
 from ...core.state import (
     BUILTIN_CHAINS,
@@ -1193,7 +1193,19 @@ def read_counters(intent: FirewallIntent) -> dict[str, tuple[int, int] | None]:
     .counted_rules) in the kernel now; None for a service without per-service rules or whose
     rules are not (yet) there. A kernel rule is a service's when its entry key equals the key
     of the rule we would write (the comparison sync_table itself uses)."""
-    wanted = counted_rules(intent)
+    return _summed(counted_rules(intent))
+
+
+def read_path_counters(intent: FirewallIntent) -> dict[str, dict[str, tuple[int, int] | None]]:
+    """path name -> {"requests": (packets, bytes), "replies": ...} from the rules that tag and
+    route the path's traffic (core.iptables_rules.path_counted_rules); None where not there."""
+    wanted = path_counted_rules(intent)
+    flat = _summed({(path, what): rules for path, kinds in wanted.items() for what, rules in kinds.items()})
+    return {path: {what: flat[(path, what)] for what in kinds} for path, kinds in wanted.items()}
+
+
+def _summed(wanted: dict[Any, tuple[CountedRule, ...]]) -> dict[Any, tuple[int, int] | None]:
+    """Each key's rules' counters in the kernel now, summed; None when none of them is there."""
     by_table: dict[tuple[Family, str], set[str]] = {}
     for rules in wanted.values():
         for family, table, chain, _ in rules:
@@ -1202,7 +1214,7 @@ def read_counters(intent: FirewallIntent) -> dict[str, tuple[int, int] | None]:
     kernel: dict[tuple[Family, str, bytes], list[int]] = {}
     for (family, table), chains in by_table.items():
         _read_counters(family, table, chains, kernel)
-    out: dict[str, tuple[int, int] | None] = {}
+    out: dict[Any, tuple[int, int] | None] = {}
     for name, rules in wanted.items():
         hits = [kernel.get((family, chain, _build(rule, family).key)) for family, _, chain, rule in rules]
         seen = [h for h in hits if h is not None]
@@ -1404,6 +1416,9 @@ class LegacyBackend:
 
     def counters(self, intent: FirewallIntent) -> dict[str, tuple[int, int] | None]:
         return read_counters(intent)
+
+    def path_counters(self, intent: FirewallIntent) -> dict[str, dict[str, tuple[int, int] | None]]:
+        return read_path_counters(intent)
 
     def holds_state(self) -> bool:
         for family in (4, 6):

@@ -43,7 +43,15 @@ import time
 from typing import Any
 
 from ...core.nft_diff import KernelChain, KernelNft, KernelSet, drift_lines, nft_transaction
-from ...core.nft_rules import TABLE_FAMILY, TABLE_NAME, WHERE, counter_name, nft_table
+from ...core.nft_rules import (
+    PATH_COUNTS,
+    TABLE_FAMILY,
+    TABLE_NAME,
+    WHERE,
+    counter_name,
+    nft_table,
+    path_counter_name,
+)
 from ...core.state import FirewallIntent
 from . import NFTABLES, BackendUnavailable, FirewallSync
 
@@ -141,7 +149,7 @@ def parse_table(doc: Any) -> KernelNft:
         if not isinstance(item, dict):
             continue
         for kind, v in item.items():
-            if not isinstance(v, dict) or (kind != "metainfo" and v.get("table", v.get("name")) is None):
+            if not isinstance(v, dict):
                 continue
             if kind == "table":
                 exists = exists or (v.get("name") == TABLE_NAME and v.get("family") == TABLE_FAMILY)
@@ -232,10 +240,19 @@ class NftablesBackend:
         return drift_lines(nft_table(intent), self.read())
 
     def counters(self, intent: FirewallIntent) -> dict[str, tuple[int, int] | None]:
-        table = nft_table(intent)
         wanted = {name: counter_name(name) for name in _counted_services(intent)}
-        if not table.counters:
-            return dict.fromkeys(wanted)
+        found = self._named_counters() if wanted else {}
+        return {svc: found.get(counter) for svc, counter in wanted.items()}
+
+    def path_counters(self, intent: FirewallIntent) -> dict[str, dict[str, tuple[int, int] | None]]:
+        wanted = {path: {what: path_counter_name(path, what) for what in PATH_COUNTS}
+                  for path in _counted_paths(intent)}
+        found = self._named_counters() if wanted else {}
+        return {path: {what: found.get(name) for what, name in kinds.items()}
+                for path, kinds in wanted.items()}
+
+    def _named_counters(self) -> dict[str, tuple[int, int]]:
+        """Every named counter of our table: name -> (packets, bytes); empty when unreadable."""
         rc, out, _ = self._cmd(f"list counters table {WHERE}")
         found: dict[str, tuple[int, int]] = {}
         if rc == 0:
@@ -244,7 +261,7 @@ class NftablesBackend:
                     c = item.get("counter") if isinstance(item, dict) else None
                     if isinstance(c, dict) and c.get("table") == TABLE_NAME:
                         found[str(c.get("name"))] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
-        return {svc: found.get(counter) for svc, counter in wanted.items()}
+        return found
 
     def holds_state(self) -> bool:
         return self.read().exists
@@ -256,4 +273,12 @@ def _counted_services(intent: FirewallIntent) -> list[str]:
         names.update((e.name, None) for e in gw.exposed if e.tagged)
     for a in intent.admissions:
         names.update((e.name, None) for e in a.exposed)
+    return list(names)
+
+
+def _counted_paths(intent: FirewallIntent) -> list[str]:
+    names: dict[str, None] = {}
+    for tag in (*intent.tunnel_tags, *intent.reply_tags):
+        if tag.path:
+            names[tag.path] = None
     return list(names)
