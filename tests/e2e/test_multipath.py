@@ -52,6 +52,16 @@ def test_every_host_is_in_sync(lab: Lab) -> None:
         assert res.returncode == 0, f"{host} drifted:\n{res.stdout}{res.stderr}"
 
 
+def test_doctor_checks_every_path_and_finds_nothing_wrong(lab: Lab) -> None:
+    for host in lab.configs:
+        res = lab.tagroutectl(host, "doctor")
+        assert res.returncode == 0, f"{host}:\n{res.stdout}{res.stderr}"
+    out = lab.tagroutectl("vpnclient", "doctor").stdout
+    for path, tun in (("server-a", "tun0"), ("server-b", "wg0")):
+        assert f"ok    tagged route (path {path}): `ip -4 route get 8.8.8.8 mark" in out, out
+        assert f"goes dev {tun}" in out, out
+
+
 def path_counts(lab: Lab, host: str) -> dict[str, int]:
     """tagrouted's reply counter of each path on `host`, in packets, read after this call."""
     return {p["name"]: (p["replies"] or {}).get("packets", 0) for p in lab.fresh_status(host)["paths"]}
