@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_INVALID, EXIT_DRIFT, EXIT_NO_DAEMON = 0, 1, 2, 3
 DEFAULT_RUN_DIR = "/run/tagrouted"
+NOTHING_BUT_BLOCKED = ("nothing to change, but NOT in sync: another firewall blocks our traffic "
+                       "(blocked: above)")
 # Kept equal to config.DEFAULT_CONFIG_PATH (a unit test checks): `status` must not pay for
 # importing the config module and PyYAML.
 DEFAULT_CONFIG_PATH = "/etc/tagrouted/tagrouted.yaml"
@@ -161,7 +163,8 @@ def _report(result: object) -> int:
         label = "blocked" if c.severity == "fail" else "may block"
         print(f"{label}: {c.line()}", file=sys.stderr)
     if not result.changes and result.ok:
-        print("in sync: nothing to change")
+        blocked = any(c.severity == "fail" for c in result.conflicts or ())
+        print(NOTHING_BUT_BLOCKED if blocked else "in sync: nothing to change")
     return EXIT_OK if result.ok else EXIT_INVALID
 
 
@@ -224,8 +227,11 @@ def _daemon_applied(reply: dict[str, Any]) -> int:
         print(f"note: {line}", file=sys.stderr)
     for line in errors:
         print(f"error (the daemon retries): {line}", file=sys.stderr)
+    for line in reply.get("blocked", []):  # another firewall stops our traffic: the fix is theirs
+        print(line, file=sys.stderr)
     if not changes and not errors:
-        print("in sync: nothing to change")
+        blocked = any(line.startswith("blocked:") for line in reply.get("blocked", []))
+        print(NOTHING_BUT_BLOCKED if blocked else "in sync: nothing to change")
     return EXIT_INVALID if errors else EXIT_OK
 
 

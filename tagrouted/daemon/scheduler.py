@@ -620,6 +620,10 @@ class Daemon:
                                      "notes": list(result.notes)}
             if result.errors:
                 reply["apply_errors"] = list(result.errors)
+            blocked = [f"{'blocked' if c.severity == 'fail' else 'may block'}: {c.line()}"
+                       for c in self.snap.conflicts.values()]
+            if blocked:
+                reply["blocked"] = blocked
             for w in work.waiters:
                 w.resolve(reply)
         if not self.snap.ready and result.ok and parts >= ALL_PARTS:

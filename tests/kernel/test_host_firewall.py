@@ -196,6 +196,9 @@ def test_report_mode_writes_nothing_and_names_the_fix(make: object, backend: str
     assert h.hostfw() == ""
     assert re.sub(r"^#.*\n", "", h.out(["iptables-nft-save", "-t", "filter"]), flags=re.M) == \
         re.sub(r"^#.*\n", "", full_before, flags=re.M)
+    code, out, err = h.ctl("apply")
+    assert code == 0 and "in sync" not in out.replace("NOT in sync", ""), out
+    assert out.startswith("nothing to change, but NOT in sync"), out + err
     code, out, _ = h.ctl("diff")
     assert code == 2 and out.startswith("blocked: iptables-nft filter (IPv4) chain FORWARD policy drop"), out
     code, out, _ = h.ctl("doctor")
@@ -226,6 +229,9 @@ def test_native_nft_drop_is_reported_never_edited(make: object, backend: str) ->
     res = d.ctl("doctor")
     assert res.returncode == 2 and "fail  host firewall: inet filter chain forward policy drop" in res.stdout
     assert d.ctl("diff").returncode == 2
+    res = d.ctl("apply")  # carried out by the daemon: it says what still blocks
+    assert res.returncode == 0 and "blocked: inet filter chain forward policy drop" in res.stderr, res
+    assert "NOT in sync" in res.stdout, res
     assert h.out(["nft", "list", "table", "inet", "filter"]) == theirs, "another tool's table is never edited"
     warnings = [r for r in d.all_records() if r.get("TAGROUTED_OBJECT") == "conflict"]
     assert len(warnings) == 1, "one warning per conflict, not one per pass"
