@@ -26,21 +26,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as B
+from firewall_view import DOCKER_SAVE
 
 from tagrouted.core.config import parse_config
 from tagrouted.core.desired import assumed_facts, desired_state
 from tagrouted.core.hostfw import Ruleset, hostfw_places, judge, parse_nft, parse_save
 
 GOAL_NFT = 1.0
-DOCKER = """*filter
-:INPUT ACCEPT [0:0]
-:FORWARD DROP [0:0]
-:OUTPUT ACCEPT [0:0]
-:DOCKER-USER - [0:0]
--A FORWARD -j DOCKER-USER
--A DOCKER-USER -j RETURN
-COMMIT
-"""
 
 
 def firewalld_sized() -> Ruleset:
@@ -68,7 +60,7 @@ def firewalld_sized() -> Ruleset:
 
 
 def judge_table(sizes: list[int], runs: int) -> None:
-    rulesets = {"none": Ruleset(), "Docker FORWARD DROP": Ruleset(tuple(parse_save(DOCKER, "iptables-nft", "ip"))),
+    rulesets = {"none": Ruleset(), "Docker FORWARD DROP": Ruleset(tuple(parse_save(DOCKER_SAVE, "iptables-nft", "ip"))),
                 "firewalld-sized (181 rules)": firewalld_sized()}
     rows = []
     for n in sizes:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from firewall_view import DOCKER_SAVE
 
 from tagrouted.core.config import load_config
 from tagrouted.core.desired import assumed_facts, desired_state
@@ -104,15 +105,7 @@ FIREWALLD_STYLE = (
     chain("inet", "filter", "forward", "forward", policy="drop"),
     rule("inet", "filter", "forward", 3, m(CT_STATE, ["established", "related"], "in"), ACCEPT),
 )
-DOCKER_DROP = """*filter
-:INPUT ACCEPT [0:0]
-:FORWARD DROP [0:0]
-:OUTPUT ACCEPT [0:0]
-:DOCKER-USER - [0:0]
--A FORWARD -j DOCKER-USER
--A DOCKER-USER -j RETURN
-COMMIT
-"""
+DOCKER_DROP = DOCKER_SAVE
 UFW_STYLE = """*filter
 :INPUT DROP [0:0]
 :FORWARD DROP [0:0]
