@@ -51,6 +51,11 @@ class FirewallBackend(Protocol):
         """service name -> (packets, bytes) from the kernel's counters; None: not counted."""
         ...
 
+    def policy_counters(self, intent: FirewallIntent) -> dict[str, dict[str, tuple[int, int] | None]]:
+        """service name -> {"dropped": ..., "limited": ...}: (packets, bytes) its allow_from and
+        its rate_limit dropped, for the services that have one (None: not counted yet)."""
+        ...
+
     def holds_state(self) -> bool:
         """Whether anything of ours is in this backend's part of the kernel."""
         ...

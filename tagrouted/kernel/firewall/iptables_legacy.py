@@ -69,7 +69,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ...core.diff import FAMILY_NAME, chain_changes
-from ...core.iptables_rules import counted_rules, legacy_chains
+from ...core.iptables_rules import CountedRule, counted_rules, legacy_chains, policy_rules
 from ...core.plan import jump_line
 from ...core.state import (
     BUILTIN_CHAINS,
@@ -101,6 +101,8 @@ _PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "ipv6-icmp", 47: "gre", 50: 
 _MFD_EXEC = 0x10       # memfd_create(2): the copy may be mapped executable (Linux >= 6.3)
 _XT_HEADER = 32        # struct xt_entry_match / xt_entry_target: u16 size, char name[29], u8 revision
 _NAME_LEN = 29
+# Options that take two words (iptables reads the second from argv[optind]).
+_TWO_WORD_OPTIONS = frozenset({"tcp-flags"})
 
 
 class IptablesError(Exception):
@@ -499,7 +501,8 @@ def _extension(fam: _Family, kind: str, name: str, options: tuple[tuple[str, str
             invert = value.startswith("!")
             if invert:
                 value = value[1:].strip()
-            argv = (ct.c_char_p * 2)(opt.encode(), value.encode())
+            words = value.split(" ", 1) if opt in _TWO_WORD_OPTIONS else [value]
+            argv = (ct.c_char_p * (1 + len(words)))(opt.encode(), *(w.encode() for w in words))
             try:
                 parse(argv, ct.c_int(invert), module, ct.pointer(entry), ptrptr, None, None)
             except Exception as e:
@@ -1192,7 +1195,19 @@ def read_counters(intent: FirewallIntent) -> dict[str, tuple[int, int] | None]:
     .counted_rules) in the kernel now; None for a service without per-service rules or whose
     rules are not (yet) there. A kernel rule is a service's when its entry key equals the key
     of the rule we would write (the comparison sync_table itself uses)."""
-    wanted = counted_rules(intent)
+    return _summed(counted_rules(intent))
+
+
+def read_policy_counters(intent: FirewallIntent) -> dict[str, dict[str, tuple[int, int] | None]]:
+    """service name -> {"dropped"|"limited": (packets, bytes) or None}, for the services with an
+    allow_from or rate_limit (core.iptables_rules.policy_rules)."""
+    wanted = policy_rules(intent)
+    flat = _summed({(name, kind): rules for name, kinds in wanted.items() for kind, rules in kinds.items()})
+    return {name: {kind: flat[(name, kind)] for kind in kinds} for name, kinds in wanted.items()}
+
+
+def _summed(wanted: dict[Any, tuple[CountedRule, ...]]) -> dict[Any, tuple[int, int] | None]:
+    """Each key's rules' counters in the kernel now, summed; None when none of them is there."""
     by_table: dict[tuple[Family, str], set[str]] = {}
     for rules in wanted.values():
         for family, table, chain, _ in rules:
@@ -1201,7 +1216,7 @@ def read_counters(intent: FirewallIntent) -> dict[str, tuple[int, int] | None]:
     kernel: dict[tuple[Family, str, bytes], list[int]] = {}
     for (family, table), chains in by_table.items():
         _read_counters(family, table, chains, kernel)
-    out: dict[str, tuple[int, int] | None] = {}
+    out: dict[Any, tuple[int, int] | None] = {}
     for name, rules in wanted.items():
         hits = [kernel.get((family, chain, _build(rule, family).key)) for family, _, chain, rule in rules]
         seen = [h for h in hits if h is not None]
@@ -1292,6 +1307,9 @@ class LegacyBackend:
 
     def counters(self, intent: FirewallIntent) -> dict[str, tuple[int, int] | None]:
         return read_counters(intent)
+
+    def policy_counters(self, intent: FirewallIntent) -> dict[str, dict[str, tuple[int, int] | None]]:
+        return read_policy_counters(intent)
 
     def holds_state(self) -> bool:
         for family in (4, 6):

@@ -43,7 +43,15 @@ import time
 from typing import Any
 
 from ...core.nft_diff import KernelChain, KernelNft, KernelSet, drift_lines, nft_transaction
-from ...core.nft_rules import TABLE_FAMILY, TABLE_NAME, WHERE, counter_name, nft_table
+from ...core.nft_rules import (
+    TABLE_FAMILY,
+    TABLE_NAME,
+    WHERE,
+    counter_name,
+    dropped_counter,
+    limited_counter,
+    nft_table,
+)
 from ...core.state import FirewallIntent
 from . import NFTABLES, BackendUnavailable, FirewallSync
 
@@ -120,6 +128,21 @@ def _types(value: Any) -> tuple[str, ...] | None:
     return (json.dumps(value, sort_keys=True),)  # unknown shape: compares as different
 
 
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _seconds(value: Any) -> int | None:
+    """A set's timeout: seconds as 1.0.6 prints them (a number), or "10m"/"1h30s" strings."""
+    if isinstance(value, str):
+        parts = re.findall(r"(\d+)(ms|d|h|m|s)", value)
+        if parts and "".join(n + u for n, u in parts) == value.replace(" ", ""):
+            scale = {"d": 86400, "h": 3600, "m": 60, "s": 1, "ms": 0}
+            return sum(int(n) * scale[u] for n, u in parts)
+        return None
+    return _int(value)
+
+
 def _element_comment(entry: Any) -> str | None:
     """The comment of one element as JSON lists it: a map's [key, value] or a set's key, either
     possibly wrapped as {"elem": {"val": ..., "comment": ...}}."""
@@ -152,7 +175,8 @@ def parse_table(doc: Any) -> KernelNft:
                 value = _types(v.get("map")) if kind == "map" else None
                 flags = tuple(str(f) for f in v.get("flags", ()) or ())
                 comments = tuple(_element_comment(e) for e in v.get("elem", ()) or ())
-                sets[str(v.get("name"))] = KernelSet(kind, key, value, flags, comments)
+                sets[str(v.get("name"))] = KernelSet(kind, key, value, flags, comments,
+                                                     _seconds(v.get("timeout")), _int(v.get("size")))
             elif kind == "chain":
                 chains[str(v.get("name"))] = {
                     "type": v.get("type"), "hook": v.get("hook"), "priority": _priority(v.get("prio")),
@@ -232,10 +256,17 @@ class NftablesBackend:
         return drift_lines(nft_table(intent), self.read())
 
     def counters(self, intent: FirewallIntent) -> dict[str, tuple[int, int] | None]:
-        table = nft_table(intent)
         wanted = {name: counter_name(name) for name in _counted_services(intent)}
-        if not table.counters:
-            return dict.fromkeys(wanted)
+        found = self._named_counters() if wanted else {}
+        return {svc: found.get(counter) for svc, counter in wanted.items()}
+
+    def policy_counters(self, intent: FirewallIntent) -> dict[str, dict[str, tuple[int, int] | None]]:
+        wanted = _policy_services(intent)
+        found = self._named_counters() if wanted else {}
+        names = {"dropped": dropped_counter, "limited": limited_counter}
+        return {svc: {kind: found.get(names[kind](svc)) for kind in kinds} for svc, kinds in wanted.items()}
+
+    def _named_counters(self) -> dict[str, tuple[int, int]]:
         rc, out, _ = self._cmd(f"list counters table {WHERE}")
         found: dict[str, tuple[int, int]] = {}
         if rc == 0:
@@ -244,10 +275,24 @@ class NftablesBackend:
                     c = item.get("counter") if isinstance(item, dict) else None
                     if isinstance(c, dict) and c.get("table") == TABLE_NAME:
                         found[str(c.get("name"))] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
-        return {svc: found.get(counter) for svc, counter in wanted.items()}
+        return found
 
     def holds_state(self) -> bool:
         return self.read().exists
+
+
+def _policy_services(intent: FirewallIntent) -> dict[str, list[str]]:
+    """service -> which of its policy counters exist: "dropped" (allow_from, at the gateway and
+    the VPN client) and "limited" (rate_limit, at the gateway)."""
+    kinds: dict[str, dict[str, None]] = {}
+    exposed = [*(e for gw in intent.gateways for e in gw.exposed),
+               *(e for a in intent.admissions for e in a.exposed)]
+    for e in exposed:
+        if e.restricted:
+            kinds.setdefault(e.name, {})["dropped"] = None
+        if e.rate_limit is not None:
+            kinds.setdefault(e.name, {})["limited"] = None
+    return {name: list(k) for name, k in kinds.items()}
 
 
 def _counted_services(intent: FirewallIntent) -> list[str]:
