@@ -136,9 +136,9 @@ TAMPERS: dict[str, dict[str, tuple[str, str]]] = {
         "ruleset flushed": ("nft flush ruleset", "+add table inet tagrouted"),
         "foreign rule in our chain": ("nft insert rule inet tagrouted forward accept",
                                       "-rule of chain forward (inet tagrouted), handle"),
-        "element deleted": ("nft delete element inet tagrouted admit4 '{ 192.168.100.3 . tcp . 443 }'",
-                            "+add element inet tagrouted admit4 { 192.168.100.3 . tcp . 443"),
-        "foreign element": ("nft add element inet tagrouted admit4 '{ 192.168.100.9 . tcp . 22 }'",
+        "element deleted": ("nft delete element inet tagrouted admit4 '{ 0.0.0.0/0 . 192.168.100.3 . tcp . 443 }'",
+                            "+add element inet tagrouted admit4 { 0.0.0.0/0 . 192.168.100.3 . tcp . 443"),
+        "foreign element": ("nft add element inet tagrouted admit4 '{ 0.0.0.0/0 . 192.168.100.9 . tcp . 22 }'",
                             "-element of set admit4 (inet tagrouted): not written by tagrouted"),
         "chain deleted": ("sh -c 'nft flush chain inet tagrouted postrouting && "
                           "nft delete chain inet tagrouted postrouting'",
