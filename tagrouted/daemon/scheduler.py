@@ -150,6 +150,8 @@ class _Snapshot:
     last_error: dict[str, Any] | None = None
     tunnel_up: bool | None = None
     counters: dict[str, tuple[int, int] | None] = field(default_factory=dict)
+    # service -> {"dropped" (allow_from) | "limited" (rate_limit): (packets, bytes) or None}
+    policy_counters: dict[str, dict[str, tuple[int, int] | None]] = field(default_factory=dict)
 
 
 def tunnel_interface(config: Config) -> str | None:
@@ -607,7 +609,9 @@ class Daemon:
     def _read_counters(self, converger: Converger, result: ConvergeResult) -> None:
         try:
             assert result.backend is not None
-            self.snap.counters = converger.backend(result.backend).counters(result.desired.firewall)
+            backend = converger.backend(result.backend)
+            self.snap.counters = backend.counters(result.desired.firewall)
+            self.snap.policy_counters = backend.policy_counters(result.desired.firewall)
         except Exception as e:  # counters are informative: never fail a pass over them
             log.debug("reading counters failed: %s", e)
 
@@ -661,10 +665,24 @@ class Daemon:
         services = []
         for svc in config.services:
             counters = s.counters.get(svc.name)
+            policy = s.policy_counters.get(svc.name, {})
+            dropped, limited = policy.get("dropped"), policy.get("limited")
             services.append({
                 "name": svc.name, "proto": svc.proto, "port": str(svc.port), "address": str(svc.address),
                 "packets": counters[0] if counters else None, "bytes": counters[1] if counters else None,
+                # packets dropped by allow_from / rate_limit here (None: no such policy on this host)
+                "dropped": dropped[0] if dropped else None, "limited": limited[0] if limited else None,
             })
+        # gateway forwards with a policy: what it dropped (they carry no per-service counter)
+        forwards = []
+        for fwd in config.gateway.forwards if config.gateway and config.has("gateway") else ():
+            policy = s.policy_counters.get(fwd.name, {})
+            if fwd.allow_from or fwd.rate_limit:
+                dropped, limited = policy.get("dropped"), policy.get("limited")
+                forwards.append({
+                    "name": fwd.name, "proto": fwd.proto, "port": str(fwd.port), "address": str(fwd.address),
+                    "dropped": dropped[0] if dropped else None, "limited": limited[0] if limited else None,
+                })
         self._status = {
             "version": __version__,
             "pid": os.getpid(),
@@ -684,6 +702,7 @@ class Daemon:
             "last_error": s.last_error,
             "config_errors": list(self._config_errors),
             "services": services,
+            "forwards": forwards,
             "passes": s.passes,
             "netlink_overflows": self.netlink.overflows,
             "resync_interval": config.resync_interval,
