@@ -799,6 +799,15 @@ class _Checker:
             return None
         return list(node.value)
 
+    def capped_items(self, node: _Node, path: str, what: str, limit: int, noun: str) -> list[_Node] | None:
+        """A non-empty list of at most `limit` prefixes."""
+        nodes = self.items(node, path, what)
+        if nodes is not None and len(nodes) > limit:
+            self.bad(node, path, f"{len(nodes)} {noun}, more than the limit of {limit}: "
+                                 "summarise them into fewer prefixes")
+            return None
+        return nodes
+
     def string(self, node: _Node, path: str, what: str = "a string") -> str | None:
         if node.kind == "scalar" and isinstance(node.value, str):
             return node.value
@@ -868,15 +877,8 @@ class _Checker:
         if "/" not in text:
             self.bad(node, path, f"{text} has no /prefix length: expected a network like 192.168.100.0/24")
             return None
-        try:
-            network = ip_network(text, strict=True)
-        except ValueError:
-            try:
-                loose = ip_network(text, strict=False)
-            except ValueError:
-                self.bad(node, path, f"{text!r} is not an IPv4 or IPv6 network prefix")
-            else:
-                self.bad(node, path, f"{text} has host bits set (the network is {loose})")
+        network = self.prefix(node, path, text, "network prefix")
+        if network is None:
             return None
         if network.prefixlen == 0:
             self.bad(node, path, f"{text} is everything: a home network must be a real prefix")
@@ -887,6 +889,19 @@ class _Checker:
                                      "unicast space")
                 return None
         return network
+
+    def prefix(self, node: _Node, path: str, text: str, what: str) -> IPNetwork | None:
+        """`text` as a network without host bits (a bare address is its /32 or /128)."""
+        try:
+            return ip_network(text, strict=True)
+        except ValueError:
+            try:
+                loose = ip_network(text, strict=False)
+            except ValueError:
+                self.bad(node, path, f"{text!r} is not an IPv4 or IPv6 {what}")
+            else:
+                self.bad(node, path, f"{text} has host bits set (the network is {loose})")
+            return None
 
     def addresses(self, node: _Node, path: str, what: str, nonempty: bool,
                   one_per_family: bool = False, next_hop: bool = False) -> list[_Addr] | None:
@@ -1104,12 +1119,9 @@ class _Checker:
 
     def allow_from(self, node: _Node, path: str, address: IPAddress | None) -> tuple[IPNetwork, ...] | None:
         """Source prefixes (a bare address is its /32 or /128), each of the service's family."""
-        nodes = self.items(node, path, "source prefixes (omit allow_from to admit everyone)")
+        nodes = self.capped_items(node, path, "source prefixes (omit allow_from to admit everyone)",
+                                  MAX_ALLOW_FROM, "prefixes")
         if nodes is None:
-            return None
-        if len(nodes) > MAX_ALLOW_FROM:
-            self.bad(node, path, f"{len(nodes)} prefixes, more than the limit of {MAX_ALLOW_FROM}: "
-                                 "summarise them into fewer prefixes")
             return None
         out: list[IPNetwork] = []
         first: dict[IPNetwork, int] = {}
@@ -1138,17 +1150,8 @@ class _Checker:
                                  "(YAML 1.1 reads some IPv6 addresses as base-60 numbers)")
             return None
         text = self.string(node, path, "an address or prefix (e.g. 198.51.100.0/24)")
-        if text is None:
-            return None
-        try:
-            network = ip_network(text, strict=True)
-        except ValueError:
-            try:
-                loose = ip_network(text, strict=False)
-            except ValueError:
-                self.bad(node, path, f"{text!r} is not an IPv4 or IPv6 address or prefix")
-            else:
-                self.bad(node, path, f"{text} has host bits set (the network is {loose})")
+        network = None if text is None else self.prefix(node, path, text, "address or prefix")
+        if network is None or text is None:
             return None
         if isinstance(network, IPv6Network) and network.network_address.ipv4_mapped is not None:
             self.bad(node, path, f"{text} is IPv4-mapped IPv6: write the IPv4 prefix "
@@ -1250,12 +1253,8 @@ class _Checker:
 
     def networks(self, node: _Node) -> list[_Net] | None:
         path = "gateway.home_networks"
-        nodes = self.items(node, path, "network prefixes")
+        nodes = self.capped_items(node, path, "network prefixes", MAX_HOME_NETWORKS, "home networks")
         if nodes is None:
-            return None
-        if len(nodes) > MAX_HOME_NETWORKS:
-            self.bad(node, path, f"{len(nodes)} home networks, more than the limit of {MAX_HOME_NETWORKS}: "
-                                 "summarise them into fewer prefixes")
             return None
         out: list[_Net] = []
         seen: dict[IPNetwork, _Net] = {}

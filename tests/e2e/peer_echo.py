@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import ipaddress
 import socket
 import ssl
@@ -25,6 +26,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 # Linux values; Python's socket module does not export IP_PKTINFO.
 IP_PKTINFO = 8
@@ -52,16 +54,21 @@ def _tls_connection(ctx: ssl.SSLContext, conn: socket.socket, peer: str) -> None
                 tls.unwrap()
 
 
-def _serve_tls(ctx: ssl.SSLContext, family: socket.AddressFamily, port: int) -> None:
+def _serve_tcp(family: socket.AddressFamily, port: int, handle: Callable[[socket.socket, str], None]) -> None:
+    """Accept on port (this family only) forever; each connection handled in its own thread."""
     with socket.socket(family, socket.SOCK_STREAM) as srv:
         srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         srv.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
-        srv.listen(64)
+        srv.listen(128)
         while True:
             conn, addr = srv.accept()
-            threading.Thread(target=_tls_connection, args=(ctx, conn, addr[0]), daemon=True).start()
+            threading.Thread(target=handle, args=(conn, addr[0]), daemon=True).start()
+
+
+def _serve_tls(ctx: ssl.SSLContext, family: socket.AddressFamily, port: int) -> None:
+    _serve_tcp(family, port, functools.partial(_tls_connection, ctx))
 
 
 def _serve_udp(family: socket.AddressFamily, port: int) -> None:
@@ -115,15 +122,7 @@ def _payload(n: int) -> bytes:
 
 
 def _serve_bulk(family: socket.AddressFamily, port: int) -> None:
-    with socket.socket(family, socket.SOCK_STREAM) as srv:
-        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        srv.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
-        srv.listen(128)
-        while True:
-            conn, addr = srv.accept()
-            threading.Thread(target=_bulk_connection, args=(conn, addr[0]), daemon=True).start()
+    _serve_tcp(family, port, _bulk_connection)
 
 
 def serve(cert: str, key: str, tcp_ports: list[int], udp_ports: list[int],

@@ -8,16 +8,14 @@ counts per service exist, down leaves the namespace as it found it.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 from firewall_view import holds_nothing, ours, with_backend
-from nslab import Netns, kernel_snapshot, veth
+from nslab import Netns, kernel_snapshot
+from test_apply import ctl, host
 
 pytestmark = pytest.mark.kernel
-
-CTL = [sys.executable, "-m", "tagrouted.cli"]
 
 GATEWAY = """\
 roles: [gateway]
@@ -50,24 +48,6 @@ vpn_server: {tunnel_interface: tun0, uplink_interface: eth0, mss_clamp: off}
 """
 
 
-def host(netns: type[Netns], name: str) -> Netns:
-    ns = netns(name)
-    peer = netns(name + "-peer")
-    veth(ns, "eth0", peer, "eth1")
-    ns.run("ip addr add 192.0.2.200/24 dev eth0")
-    ns.run("ip addr add 2001:db8:a::200/64 dev eth0 nodad")
-    ns.run("ip addr add 192.168.200.1/24 dev eth0")
-    ns.run("ip addr add fd00:200::1/64 dev eth0 nodad")
-    ns.run("ip tuntap add dev tun0 mode tun")
-    ns.run("ip link set tun0 up")
-    return ns
-
-
-def ctl(ns: Netns, config: Path, run_dir: Path, *args: str) -> tuple[int, str, str]:
-    res = ns.run([*CTL, "--config", str(config), "--run-dir", str(run_dir), *args], check=False)
-    return res.returncode, res.stdout, res.stderr
-
-
 def write(tmp_path: Path, text: str, backend: str) -> Path:
     path = tmp_path / "tagrouted.yaml"
     path.write_text(with_backend(text, backend))
@@ -80,7 +60,7 @@ def snapshot(ns: Netns) -> dict[str, str]:
 
 @pytest.mark.parametrize("text", [GATEWAY, VPN_CLIENT, VPN_SERVER], ids=["gateway", "vpn-client", "vpn-server"])
 def test_policy_round_trip(netns: type[Netns], tmp_path: Path, backend: str, text: str) -> None:
-    ns = host(netns, "pol")
+    ns = host(netns, "pol", tun=True)
     config = write(tmp_path, text, backend)
     before = snapshot(ns)
     code, out, err = ctl(ns, config, tmp_path, "apply")
@@ -108,7 +88,7 @@ def test_policy_round_trip(netns: type[Netns], tmp_path: Path, backend: str, tex
 def test_meter_entries_are_the_kernels_not_drift(netns: type[Netns], tmp_path: Path, backend: str) -> None:
     """What the kernel adds to a meter carries no comment of ours: a sync neither reports it nor
     flushes it (that would hand every source a fresh burst)."""
-    ns = host(netns, "met")
+    ns = host(netns, "met", tun=True)
     config = write(tmp_path, GATEWAY, backend)
     assert ctl(ns, config, tmp_path, "apply")[0] == 0
     meter = next(line.split()[1] for line in ns.out("nft list sets table inet tagrouted").splitlines()
