@@ -47,7 +47,9 @@ FRESH: dict[int, Iterator[int]] = {}  # per lab: addresses nobody used yet (the 
 
 
 def fresh(lab: Lab, family: int) -> str:
-    return client_address(family, next(FRESH.setdefault(id(lab), itertools.count(2))))
+    i = next(FRESH[id(lab)])
+    assert i <= lab.extra_clients, "the lab has no fresh client address left: raise extra_clients"
+    return client_address(family, i)
 
 SHAPES = [(v, b) for v in ("openvpn", "wireguard") for b in BACKENDS]
 
@@ -73,6 +75,7 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     with built_lab(variant=variant, layout="seed", manager="tagrouted", backend=backend,
                    extra_clients=16, tunnel_mtu=1280, tunnel_clamps=False, pmtu_blackhole=True) as lab:
         require_daemon(lab)
+        FRESH[id(lab)] = itertools.count(2)  # a new lab: every extra address is fresh again
         _edit(lab, "remote", "services:\n", GATEWAY_SERVICES)
         _edit(lab, "vpnclient", "services:\n", VPN_CLIENT_SERVICES)
         reload(lab, "remote", "vpnclient")
