@@ -113,7 +113,8 @@ def admits(out: Out, backend: str, address: str, proto: str, port: int) -> bool:
                 and text.count("@admit4 accept") == 1 and text.count("chain forward {") == 1)
     text = legacy_ours(out)
     rule = f"-d {address}/32 -i tun0 -o eth0 -p {proto} -m {proto} --dport {port} -j ACCEPT"
-    return (text.count(rule) == 1 and text.count("-j TAGROUTED-FORWARD") == 2
+    # jumps to TAGROUTED-FORWARD: filter's (admission) and mangle's (MSS clamp), in both families
+    return (text.count(rule) == 1 and text.count("-j TAGROUTED-FORWARD") == 4
             and text.count("-j TAGROUTED-PREROUTING") == 2)
 
 
