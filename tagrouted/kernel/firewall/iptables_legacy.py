@@ -42,6 +42,8 @@ Traps in python-iptables 1.2 / libxtables 1.8.9, and what this module does about
   ("already registered") if its init runs twice, and remembers a failed target look-up by name
   for both families (python-iptables #316, #325): _Registry loads each extension itself, a
   private memfd copy for the second family, and looks up only what it has seen registered.
+- An option of two words (`--tcp-flags SYN,RST SYN`, which TCPMSS needs so that SYN-ACKs are
+  clamped too) is parsed by libxt_tcp from argv[optind]: _extension passes both words.
 - Extension save() functions print to C stdout: glibc's `stdout` is pointed at an
   open_memstream buffer for a batch of decodes, so fd 1 and Python's output are untouched.
 """
