@@ -166,6 +166,8 @@ class _Snapshot:
     held_down_since: float | None = None  # `tagroutectl down` took everything away at this time
     tunnels_up: dict[str, bool] = field(default_factory=dict)  # each watched tunnel (paths)
     path_counters: dict[str, dict[str, tuple[int, int] | None]] = field(default_factory=dict)
+    # service -> {"dropped" (allow_from) | "limited" (rate_limit): (packets, bytes) or None}
+    policy_counters: dict[str, dict[str, tuple[int, int] | None]] = field(default_factory=dict)
 
 
 def tunnel_interface(config: Config) -> str | None:
@@ -719,6 +721,7 @@ class Daemon:
             backend = converger.backend(result.backend)
             self.snap.counters = backend.counters(result.desired.firewall)
             self.snap.path_counters = backend.path_counters(result.desired.firewall)
+            self.snap.policy_counters = backend.policy_counters(result.desired.firewall)
         except Exception as e:  # counters are informative: never fail a pass over them
             log.debug("reading counters failed: %s", e)
 
@@ -821,9 +824,13 @@ class Daemon:
         services = []
         for svc in config.services:
             counters = s.counters.get(svc.name)
+            policy = s.policy_counters.get(svc.name, {})
+            dropped, limited = policy.get("dropped"), policy.get("limited")
             services.append({
                 "name": svc.name, "proto": svc.proto, "port": str(svc.port), "address": str(svc.address),
                 "packets": counters[0] if counters else None, "bytes": counters[1] if counters else None,
+                # packets dropped by allow_from / rate_limit here (None: no such policy on this host)
+                "dropped": dropped[0] if dropped else None, "limited": limited[0] if limited else None,
             })
         paths = []
         if config.has("vpn-client") or config.has("service"):
@@ -837,6 +844,16 @@ class Daemon:
                     "via": [str(v) for v in p.via] if tun is None else [],
                     **{what: ({"packets": c[0], "bytes": c[1]} if (c := counts.get(what)) else None)
                        for what in ("requests", "replies")},
+                })
+        # gateway forwards with a policy: what it dropped (they carry no per-service counter)
+        forwards = []
+        for fwd in config.gateway.forwards if config.gateway and config.has("gateway") else ():
+            policy = s.policy_counters.get(fwd.name, {})
+            if fwd.allow_from or fwd.rate_limit:
+                dropped, limited = policy.get("dropped"), policy.get("limited")
+                forwards.append({
+                    "name": fwd.name, "proto": fwd.proto, "port": str(fwd.port), "address": str(fwd.address),
+                    "dropped": dropped[0] if dropped else None, "limited": limited[0] if limited else None,
                 })
         self._status = {
             "version": __version__,
@@ -865,6 +882,7 @@ class Daemon:
             # one entry per path (issue 14): its tag, its tunnel here and whether it is up, and
             # its counters (requests tagged on the way in, replies sent back through it)
             "paths": paths,
+            "forwards": forwards,
             "passes": s.passes,
             "netlink_overflows": self.netlink.overflows,
             "resync_interval": config.resync_interval,
