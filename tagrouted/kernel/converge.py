@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..core.config import Config, Tag
@@ -31,13 +31,37 @@ FIREWALL = "firewall"  # our iptables chains: only config changes or tampering c
 ALL_PARTS = frozenset({ROUTING, SYSCTLS, FIREWALL})
 
 
+class ChangeLog(list[Change]):
+    """The changes of one pass, handed to `on_change` the moment a step adds them (append,
+    extend, +=): a record follows its kernel write by microseconds, not by the rest of the pass
+    (the other tables, a conntrack flush), so whoever sees the repair finds its record."""
+
+    def __init__(self, on_change: Callable[[Change], None] | None = None) -> None:
+        super().__init__()
+        self.on_change = on_change
+
+    def append(self, change: Change) -> None:
+        super().append(change)
+        if self.on_change is not None:
+            self.on_change(change)
+
+    def extend(self, changes: Iterable[Change]) -> None:
+        for change in changes:
+            self.append(change)
+
+    def __iadd__(self, changes: Iterable[Change]) -> ChangeLog:  # type: ignore[override,misc]
+        self.extend(changes)
+        return self
+
+
 @dataclass
 class ConvergeResult:
     desired: DesiredState
     facts: HostFacts
-    changes: list[Change] = field(default_factory=list)
+    changes: list[Change] = field(default_factory=ChangeLog)
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    teardown: bool = False  # converge(None): nothing is wanted, nothing will come back
 
     @property
     def ok(self) -> bool:
@@ -77,14 +101,18 @@ class Converger:
         return desired, facts
 
     def converge(self, config: Config | None, tag: Tag | None = None, *,
-                 dry_run: bool = False, parts: frozenset[str] = ALL_PARTS) -> ConvergeResult:
+                 dry_run: bool = False, parts: frozenset[str] = ALL_PARTS,
+                 on_change: Callable[[ConvergeResult, Change], None] | None = None) -> ConvergeResult:
         """Make the kernel hold exactly what `config` wants here (nothing, when None).
 
         `parts` narrows the work to ROUTING, SYSCTLS and/or FIREWALL: a link event cannot change
         what our chains should hold (they name interfaces, not indexes), so it needs no iptables
-        pass; a timer pass need not re-dump the rules and routes netlink reports changes of."""
+        pass; a timer pass need not re-dump the rules and routes netlink reports changes of.
+        `on_change(result, change)` is called as each change is made (see ChangeLog)."""
         desired, facts = self.desired(config, tag or (config.tag if config else Tag()))
-        result = ConvergeResult(desired, facts, notes=list(desired.notes))
+        result = ConvergeResult(desired, facts, notes=list(desired.notes), teardown=config is None)
+        if on_change is not None:
+            result.changes = ChangeLog(lambda change: on_change(result, change))
         steps: list[tuple[str, str, Callable[[ConvergeResult, bool], None]]] = [
             (ROUTING, "policy rules", self._rules),
             (ROUTING, "routes", self._routes),
@@ -148,11 +176,15 @@ class Converger:
                 self.saved.remember(key, current)
                 write_sysctl(key, value)
             result.changes.append(Change("set", "sysctl", f"set sysctl {key}={value} (was {current})"))
-        # What we changed and no longer want goes back to the value we found.
+        # What we changed and no longer want goes back to the value we found. A value that is
+        # gone with its link (tun0 deleted) stays recorded: the link's return finds it there, and
+        # an OpenVPN restart costs no rewrite (flock, fsync) of the file on the tunnel's way up.
         for key, original in sorted(self.saved.originals().items()):
             if key in wanted:
                 continue
             current = read_sysctl(key)
+            if current is None and not result.teardown:
+                continue
             if current is not None and current != original:
                 if not dry_run:
                     write_sysctl(key, original)
