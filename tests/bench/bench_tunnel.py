@@ -145,13 +145,14 @@ def tunnel_host(name: str) -> tuple[B.Netns, B.Netns]:
 
 
 def run_side(side: str, mode: str, flaps: int, gap: float, tmp: Path,
-             restart_gap: float = 0.010, trace: bool = False) -> dict[str, Any]:
+             restart_gap: float = 0.010, trace: bool = False, services: int = 2,
+             resync: str | None = None) -> dict[str, Any]:
     ns, peer = tunnel_host(f"tun-{side[:4]}-{mode[:3]}")
     daemon = None
     try:
         if side == "tagrouted":
             config = tmp / f"vpn-client-{mode}.yaml"
-            config.write_text(B.vpn_client_config(2, rp_filter="off"))
+            config.write_text(B.vpn_client_config(services, rp_filter="off", resync=resync))
             trace_file = tmp / f"trace-{mode}.json"
             daemon = B.Daemon(ns, config, tmp / f"run-{mode}", tmp / f"tagrouted-{mode}.log",
                               env={"TAGROUTED_TRACE": str(trace_file)} if trace else None,
@@ -213,6 +214,14 @@ def print_attribution(mode: str, r: dict[str, Any]) -> None:
                   ["phase", "n", "p50", "p99", "max"],
                   [[name, len(v), B.ms(B.stats(v)["p50"]), B.ms(B.stats(v)["p99"]), B.ms(B.stats(v)["max"])]
                    for name, v in phases if v])
+    gcs = tailtrace.gc_summary(r["trace"])
+    B.print_table(f"Garbage collections over the whole run, {mode} (ms)", ["generation", "n", "p50", "p99", "max"],
+                  [[g, len(v), B.ms(B.stats(v)["p50"]), B.ms(B.stats(v)["p99"]), B.ms(B.stats(v)["max"])]
+                   for g, v in sorted(gcs.items())])
+    live = [e[3] for e in r["trace"] if e[2] == "gc-live"]
+    if live:
+        print(f"\nAt exit: {live[0][0]} objects tracked by the collector outside the frozen "
+              f"{live[0][1]}; most common: {live[0][2]}")
     slow = sorted(rows, key=lambda x: -x["total"])[: max(5, len(rows) // 50)]
     print("\nSlowest flaps: total; what was running at t0 (thread, parts, ms it still ran); "
           "causes of the pass that wrote the route; when it was taken / started:")
@@ -233,6 +242,9 @@ def main() -> int:
     ap.add_argument("--restart-flaps", type=int, default=300, help="flaps of the restart mode")
     ap.add_argument("--restart-gap", type=float, default=10, help="restart: deleted -> recreated, ms")
     ap.add_argument("--sides", default="tagrouted,recipe,minimal-hook")
+    ap.add_argument("--services", type=int, default=2,
+                    help="services in the daemon's config: more make every firewall pass longer")
+    ap.add_argument("--resync", default=None, help="the daemon's resync_interval (default 2s)")
     ap.add_argument("--trace", action="store_true",
                     help="run the daemon under tailtrace.py and print where each flap's time went")
     args = ap.parse_args()
@@ -250,7 +262,8 @@ def main() -> int:
                 for side in sides:
                     flaps = args.restart_flaps if mode == "restart" else args.flaps
                     r = run_side(side, mode, flaps, args.gap / 1000, Path(tmpdir),
-                                 restart_gap=args.restart_gap / 1000, trace=args.trace)
+                                 restart_gap=args.restart_gap / 1000, trace=args.trace,
+                                 services=args.services, resync=args.resync)
                     if "trace" in r:
                         traces.append((mode, r))
                     s = B.stats(r["times"])
@@ -267,7 +280,8 @@ def main() -> int:
         finally:
             B.sweep_run_prefix()
     B.print_table(f"Tunnel up -> table {TABLE} route and rp_filter in place (ms; {args.flaps} flaps, "
-                  f"restart: {args.restart_flaps}, {args.restart_gap:g} ms from deleted to recreated)",
+                  f"restart: {args.restart_flaps}, {args.restart_gap:g} ms from deleted to recreated; "
+                  f"daemon: {args.services} services, resync_interval {args.resync or '2s'})",
                   ["flap", "who", "flaps measured", "missed (> 5 s)", "p50", "p99", "max", "goal p99"],
                   rows)
     print()

@@ -3,8 +3,14 @@ that a change is handed on the moment a step adds it (issue 15)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from ipaddress import ip_address
+from pathlib import Path
+
 import pytest
 
+from tagrouted.core.config import PortRange, load_config
+from tagrouted.core.desired import assumed_facts, desired_state
 from tagrouted.core.state import Change, DesiredState, HostFacts
 from tagrouted.daemon.scheduler import (
     FIREWALL_PARTS,
@@ -13,7 +19,15 @@ from tagrouted.daemon.scheduler import (
     Lane,
     ReloadWaiter,
 )
-from tagrouted.kernel.converge import ALL_PARTS, FIREWALL, ROUTING, SYSCTLS, ChangeLog, ConvergeResult
+from tagrouted.kernel.converge import (
+    ALL_PARTS,
+    FIREWALL,
+    ROUTING,
+    SYSCTLS,
+    ChangeLog,
+    ConvergeResult,
+    routing_view,
+)
 
 
 def lanes() -> tuple[Lane, Lane, Dispatcher]:
@@ -88,3 +102,51 @@ def test_a_result_without_a_listener_is_a_plain_list() -> None:
     result.changes += [Change("set", "sysctl", "x")]
     result.changes.append(Change("set", "sysctl", "y"))
     assert [c.message for c in result.changes] == ["x", "y"]
+
+
+# ---- the firewall lane reuses the last compile: the firewall part never depends on the facts ----
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "etc" / "tagrouted" / "examples").glob("*.yaml"))
+
+
+def _facts_variants(config_facts: HostFacts) -> list[HostFacts]:
+    links = config_facts.links
+    out = [config_facts, HostFacts(links=(), rp_filter_all=1)]
+    for i in range(len(links)):  # each named link down, then gone, then back with a new index
+        down = tuple(replace(link, up=False) if j == i else link for j, link in enumerate(links))
+        gone = tuple(link for j, link in enumerate(links) if j != i)
+        moved = tuple(replace(link, index=link.index + 100) if j == i else link for j, link in enumerate(links))
+        out += [HostFacts(down), HostFacts(gone, rp_filter_all=2), HostFacts(moved)]
+    out.append(HostFacts(tuple(replace(link, accept_ra=1) for link in links)))
+    return out
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_the_firewall_part_of_the_desired_state_never_depends_on_the_host_facts(path: Path) -> None:
+    """Converger.desired(firewall_only=True) relies on it: everything but the routes, rules,
+    sysctls and notes is the same whatever links are present, up or renumbered."""
+    config = load_config(str(path))
+
+    def firewall_part(facts: HostFacts) -> DesiredState:
+        return replace(desired_state(config, facts), routes=frozenset(), rules=frozenset(), sysctls=(), notes=())
+
+    want = firewall_part(assumed_facts(config))
+    for variant in _facts_variants(assumed_facts(config)):
+        assert firewall_part(variant) == want, variant
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_the_routing_part_sees_the_services_only_through_their_families(path: Path) -> None:
+    """Converger.desired(routing_only=True) compiles routing_view(config): the same routes,
+    rules, sysctls and notes as the whole config, whatever the facts, with 1000 services too."""
+    config = load_config(str(path))
+    family = {4: "192.168.100.", 6: "fd00:100::"}
+    many = tuple(replace(config.services[i % len(config.services)], name=f"s{i}", port=PortRange(20000 + i, 20000 + i),
+                         address=ip_address(f"{family[config.services[i % len(config.services)].family]}{i % 200 + 3}"))
+                 for i in range(1000)) if config.services else ()
+    for cfg in (config, replace(config, services=many)):
+        view = routing_view(cfg)
+        assert len(view.services) <= 2
+        for facts in _facts_variants(assumed_facts(cfg)):
+            full, seen = desired_state(cfg, facts), desired_state(view, facts)
+            assert (seen.routes, seen.rules, seen.sysctls, seen.notes) == (
+                full.routes, full.rules, full.sysctls, full.notes), facts
