@@ -152,7 +152,8 @@ def _gateway(config: Config, facts: HostFacts, b: _Builder) -> None:
                     target="DNAT", target_options=(("to-destination", _dnat_target(svc)),),
                 ))
                 if svc.proto == "udp":
-                    b.udp.add(ConntrackFlush(family, str(public), svc.port.first, svc.port.last))
+                    b.udp.add(ConntrackFlush(family, str(public), svc.port.first, svc.port.last,
+                                             str(svc.address), svc.to_port))
             accepts.append(FirewallRule(
                 in_interface=pub, protocol=svc.proto, destination=_host(svc.address),
                 matches=(_port_match(svc, public=False),), target="ACCEPT",
