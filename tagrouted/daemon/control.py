@@ -72,7 +72,9 @@ def request(run_dir: str, payload: dict[str, Any], timeout: float = 5) -> dict[s
         except OSError as e:
             raise NoDaemon(f"cannot connect to {path}: {e.strerror or e}") from None
         try:
-            sock.sendall(json.dumps(payload).encode() + b"\n")
+            # refused before it read the request (peer credentials): its answer is queued
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(json.dumps(payload).encode() + b"\n")
             data = _read_line(sock, MAX_LINE * 64)
         except TimeoutError:
             raise NoDaemon(f"no answer on {path} within {timeout:g}s") from None
