@@ -90,13 +90,30 @@ def memory_detail(pid: int) -> tuple[int, int]:
     return anon, heap
 
 
-def flaps(n: int, tmp: Path, sample: int = 250) -> dict[str, Any]:
+def python_snapshot(prefix: Path, n: int) -> Any:
+    """Ask the daemon (run under tailtrace.py) for tracemalloc snapshot n and load it."""
+    import tracemalloc
+
+    req = Path(f"{prefix}.{n}.req")
+    req.touch()
+    B.wait_for(lambda: not req.exists(), timeout=60, what=f"tracemalloc snapshot {n}")
+    return tracemalloc.Snapshot.load(f"{prefix}.{n}")
+
+
+def flaps(n: int, tmp: Path, sample: int = 250, trace_python: bool = False) -> dict[str, Any]:
     ns, peer = B.vpn_client_host("flaps")
     daemon = None
+    (tmp / "snapshots").mkdir(exist_ok=True)
+    prefix = tmp / "snapshots" / "tracemalloc"
     try:
-        config = tmp / "vpn-client.yaml"
+        # a directory of its own: the daemon watches it, and its log and snapshots are written
+        # elsewhere (every log line there was a config-file event, a pass of its own)
+        (tmp / "etc").mkdir(exist_ok=True)
+        config = tmp / "etc" / "vpn-client.yaml"
         config.write_text(B.vpn_client_config(2))
-        daemon = B.Daemon(ns, config, tmp / "run-flaps", tmp / "flaps.log")
+        daemon = B.Daemon(ns, config, tmp / "run-flaps", tmp / "flaps.log",
+                          env={"TAGROUTED_TRACEMALLOC": str(prefix)} if trace_python else None,
+                          command=[B.PYTHON, str(B.BENCH / "tailtrace.py")] if trace_python else None)
         daemon.wait_ready()
         time.sleep(1)
         before = daemon.rss_bytes()
@@ -104,6 +121,7 @@ def flaps(n: int, tmp: Path, sample: int = 250) -> dict[str, Any]:
         missed = ns.call(flap, WARM_FLAPS, timeout=600)
         time.sleep(1)
         warm = daemon.rss_bytes()
+        first = python_snapshot(prefix, 0) if trace_python else None
         samples = [(WARM_FLAPS, warm, *memory_detail(daemon.pid))]
         done = WARM_FLAPS
         while done < n:
@@ -116,8 +134,14 @@ def flaps(n: int, tmp: Path, sample: int = 250) -> dict[str, Any]:
         time.sleep(1)
         after = daemon.rss_bytes()
         errors = [r for r in daemon.records() if int(r.get("PRIORITY", 6)) <= 3]
+        python = None
+        if first is not None:
+            last = python_snapshot(prefix, 1)
+            diff = last.compare_to(first, "lineno")
+            python = {"growth": sum(d.size_diff for d in diff), "top": [
+                (str(d.traceback[0]), d.size_diff, d.count_diff) for d in diff[:12]]}
         return {"before": before, "warm": warm, "after": after, "missed": missed,
-                "elapsed": elapsed, "errors": len(errors), "samples": samples}
+                "elapsed": elapsed, "errors": len(errors), "samples": samples, "python": python}
     finally:
         B.teardown(daemon, ns, peer)
 
@@ -126,6 +150,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--idle", type=float, default=120)
     ap.add_argument("--flaps", type=int, default=2000)
+    ap.add_argument("--tracemalloc", action="store_true",
+                    help="run the flap daemon under tailtrace.py with tracemalloc: what the Python heap "
+                         "gained between flap 50 and the last (tracing makes RSS larger: its own numbers)")
     args = ap.parse_args()
     if not B.begin("bench_idle"):
         return 0
@@ -133,7 +160,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tgr-bench-idle-") as tmpdir:
         try:
             i = idle(args.idle, Path(tmpdir)) if args.idle else None
-            f = flaps(max(args.flaps, WARM_FLAPS + 1), Path(tmpdir)) if args.flaps else None
+            f = (flaps(max(args.flaps, WARM_FLAPS + 1), Path(tmpdir), trace_python=args.tracemalloc)
+                 if args.flaps else None)
         finally:
             B.sweep_run_prefix()
     if i is not None:
@@ -159,6 +187,12 @@ def main() -> int:
                       ])
         B.print_table("RSS along the flaps", ["flaps", "RSS MB", "anonymous MB", "[heap] resident MB"],
                       [[k, f"{r / mb:.2f}", f"{a / mb:.2f}", f"{h / mb:.2f}"] for k, r, a, h in f["samples"]])
+        if f.get("python"):
+            py = f["python"]
+            B.print_table(f"Python heap (tracemalloc) from flap {WARM_FLAPS} to the last: "
+                          f"{py['growth'] / 1024:+.1f} KiB in all; the largest gains",
+                          ["where", "KiB", "blocks"],
+                          [[w, f"{size / 1024:+.1f}", f"{count:+d}"] for w, size, count in py["top"]])
     return 0
 
 

@@ -120,8 +120,31 @@ def dump() -> None:
             json.dump([(t, th, what, json.loads(d)) for t, th, what, d in EVENTS], f)
 
 
+def snapshot_on_request(prefix: str) -> None:
+    """TAGROUTED_TRACEMALLOC=PREFIX: trace Python allocations; whenever PREFIX.N.req appears, write
+    the snapshot to PREFIX.N (bench_idle --tracemalloc compares two of them)."""
+    import tracemalloc
+
+    tracemalloc.start(8)
+
+    def serve() -> None:
+        n = 0
+        while True:
+            req = f"{prefix}.{n}.req"
+            if os.path.exists(req):
+                tracemalloc.take_snapshot().dump(f"{prefix}.{n}")
+                os.unlink(req)
+                n += 1
+            time.sleep(0.1)
+
+    threading.Thread(target=serve, name="tracemalloc", daemon=True).start()
+
+
 if __name__ == "__main__":
-    install()
+    if os.environ.get("TAGROUTED_TRACEMALLOC"):
+        snapshot_on_request(os.environ["TAGROUTED_TRACEMALLOC"])
+    if os.environ.get("TAGROUTED_TRACE"):
+        install()
     atexit.register(dump)
     from tagrouted.daemon.main import main
 
