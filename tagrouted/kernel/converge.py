@@ -11,6 +11,7 @@ Threading: one Converger per process, used from one thread (the reconcile worker
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -22,13 +23,14 @@ from ..core.plan import jump_line, route_key, route_line, rule_line
 from ..core.state import TABLE_ORDER, Change, DesiredState, HostFacts, OwnedChain, Sysctl
 from . import conntrack
 from .firewall import iptables_legacy as iptables
-from .netlink import NetlinkAdapter
+from .netlink import NetlinkAdapter, NetlinkTransient
 from .sysctl import SavedSysctls, read_sysctl, write_sysctl
 
 ROUTING = "routing"    # policy rules and routes: netlink announces every change to them
 SYSCTLS = "sysctls"    # /proc/sys values: links bring them, nothing announces a reset
 FIREWALL = "firewall"  # our iptables chains: only config changes or tampering change them
 ALL_PARTS = frozenset({ROUTING, SYSCTLS, FIREWALL})
+LINK_RACE_ERRNOS = frozenset({errno.ENODEV, errno.ENETDOWN})  # a route's link gone or down mid-pass
 
 
 class ChangeLog(list[Change]):
@@ -177,6 +179,12 @@ class Converger:
                 if not dry_run:
                     self.netlink.add_route(route)
                 result.changes.append(_change("added", "route", route.describe(), route.family))
+            except NetlinkTransient as e:
+                if e.errno in LINK_RACE_ERRNOS and route.dev and not self._link_up(route.dev):
+                    # The link went (or went down) since this pass read the facts: the route is
+                    # no longer wanted, and the link's own event brings the next pass.
+                    continue
+                errors.append(f"{route_line(route)}: {e}")
             except Exception as e:
                 errors.append(f"{route_line(route)}: {e}")
         for route in sorted(kernel - desired.routes, key=route_key):
@@ -188,6 +196,10 @@ class Converger:
                 errors.append(f"delete {route.describe()}: {e}")
         if errors:
             raise RuntimeError("; ".join(errors))
+
+    def _link_up(self, name: str) -> bool:
+        link = self.netlink.host_facts().link(name)
+        return link is not None and link.up
 
     def _sysctls(self, result: ConvergeResult, dry_run: bool) -> None:
         wanted = {s.key: s.value for s in result.desired.sysctls}
