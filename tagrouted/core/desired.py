@@ -157,7 +157,8 @@ def _gateway(config: Config, facts: HostFacts, b: _Builder) -> None:
                      *(exposed(f, tagged=False) for f in gw.forwards if f.family == family))
         for e in endpoints:
             if e.proto == "udp":
-                b.udp.update(ConntrackFlush(family, p, e.port[0], e.port[1]) for p in publics)
+                b.udp.update(ConntrackFlush(family, p, e.port[0], e.port[1], e.address, e.to_port)
+                             for p in publics)
         outside = tuple(_host(f.address) for f in gw.forwards
                         if f.family == family and not any(f.address in net for net in home))
         b.gateways.append(GatewayPolicy(

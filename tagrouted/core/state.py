@@ -307,12 +307,16 @@ class FirewallIntent:
 
 @dataclass(frozen=True)
 class ConntrackFlush:
-    """Stale UDP conntrack to delete once a DNAT for this public endpoint is (re)written."""
+    """Stale UDP conntrack to delete once a DNAT for this public endpoint is (re)written.
+    An entry already NATed to `to_address` (and `to_port`, else the port asked for) is the DNAT
+    at work, not stale: deleting it cut a live tunnel (the VPN forward) on every reload."""
 
     family: Family
     address: str
     first_port: int
     last_port: int
+    to_address: str | None = None  # None: every entry of the endpoint is stale
+    to_port: int | None = None
 
 
 @dataclass(frozen=True)
