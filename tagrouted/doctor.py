@@ -268,7 +268,6 @@ class Doctor:
             backend.close()
 
     def host_firewall(self, intent: FirewallIntent) -> None:
-        from .kernel.converge import host_context
         from .kernel.firewall import choose
         from .kernel.hostfw import HostFirewall
 
@@ -278,7 +277,7 @@ class Doctor:
         try:
             result = hf.sync(intent, mode=self.config.firewall.host_firewall,
                              backend=choose(self.config.firewall.backend).backend,
-                             context=host_context(self.config), dry_run=True, assume_integrated=False)
+                             dry_run=True, assume_integrated=False)
         except Exception as e:
             self.add("host firewall", "warn", f"cannot read the host's ruleset: {e}", "")
             return

@@ -131,7 +131,8 @@ def admits(out: Out, backend: str, address: str, proto: str, port: int) -> bool:
                 and text.count("@admit4 ") == 1 and text.count("chain forward {") == 1)
     text = legacy_ours(out)
     rule = f"-d {address}/32 -i tun0 -o eth0 -p {proto} -m {proto} --dport {port} -j ACCEPT"
-    return (text.count(rule) == 1 and text.count("-j TAGROUTED-FORWARD") == 2
+    # jumps to TAGROUTED-FORWARD: filter's (admission) and mangle's (MSS clamp), in both families
+    return (text.count(rule) == 1 and text.count("-j TAGROUTED-FORWARD") == 4
             and text.count("-j TAGROUTED-PREROUTING") == 2)
 
 
@@ -154,9 +155,9 @@ TAMPERS: dict[str, dict[str, tuple[str, str]]] = {
         "ruleset flushed": ("nft flush ruleset", "+add table inet tagrouted"),
         "foreign rule in our chain": ("nft insert rule inet tagrouted forward accept",
                                       "-rule of chain forward (inet tagrouted), handle"),
-        "element deleted": ("nft delete element inet tagrouted admit4 '{ 192.168.100.3 . tcp . 443 }'",
-                            "+add element inet tagrouted admit4 { 192.168.100.3 . tcp . 443"),
-        "foreign element": ("nft add element inet tagrouted admit4 '{ 192.168.100.9 . tcp . 22 }'",
+        "element deleted": ("nft delete element inet tagrouted admit4 '{ 0.0.0.0/0 . 192.168.100.3 . tcp . 443 }'",
+                            "+add element inet tagrouted admit4 { 0.0.0.0/0 . 192.168.100.3 . tcp . 443"),
+        "foreign element": ("nft add element inet tagrouted admit4 '{ 0.0.0.0/0 . 192.168.100.9 . tcp . 22 }'",
                             "-element of set admit4 (inet tagrouted): not written by tagrouted"),
         "chain deleted": ("sh -c 'nft flush chain inet tagrouted postrouting && "
                           "nft delete chain inet tagrouted postrouting'",

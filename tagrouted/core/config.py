@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any, Literal
 
+from .state import RATE_UNITS, RateLimit
+
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
 Family = Literal[4, 6]
@@ -89,6 +91,10 @@ class Service:
     port: PortRange
     address: IPAddress
     to_port: int | None = None
+    # Only these sources reach it (empty: everyone); new connections per source beyond the limit
+    # are dropped (None: no limit).
+    allow_from: tuple[IPNetwork, ...] = ()
+    rate_limit: RateLimit | None = None
 
     @property
     def family(self) -> Family:
@@ -109,11 +115,17 @@ class GatewaySection:
     forwards: tuple[Service, ...] = ()
 
 
+# mss_clamp: "pmtu" (to the route's MTU), "off", or the MSS to set at most.
+MssSetting = Literal["pmtu", "off"] | int
+MSS_MIN, MSS_MAX = 536, 65495  # RFC 879's default MSS; the largest a 65535-byte IPv4 packet carries
+
+
 @dataclass(frozen=True)
 class VpnServerSection:
     tunnel_interface: str
     uplink_interface: str
     families: tuple[Family, ...] = (4, 6)
+    mss_clamp: MssSetting = "pmtu"
 
 
 @dataclass(frozen=True)
@@ -121,6 +133,7 @@ class VpnClientSection:
     tunnel_interface: str | None  # None with `paths:` (each path names its tunnel)
     lan_interface: str
     rp_filter: Literal["off", "loose"] = "loose"
+    mss_clamp: MssSetting = "pmtu"
 
 
 @dataclass(frozen=True)
@@ -270,6 +283,11 @@ MAX_INTERVAL = 3600.0
 # 1000 services on 24 addresses.
 MAX_EXPANDED_RULES = 25_000
 MAX_HOME_NETWORKS = 64
+MAX_ALLOW_FROM = 1024  # source prefixes per service (iptables-legacy writes a rule for each)
+# rate_limit's N and burst: what every hashlimit revision takes (revision 1 scales per-second
+# rates by 10000 and caps the burst at 10000) and far beyond what one client needs.
+MAX_RATE = 10_000
+MAX_BURST = 10_000
 # An integer scalar longer than this is refused before it is converted: Python refuses to print
 # (and parse) decimals over 4300 digits, and nothing we take needs more than 32 bits.
 MAX_INT_CHARS = 64
@@ -283,6 +301,7 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _LISTEN_RE = re.compile(r"\[([^\]]*)\]:(\d{1,6})|([^:\[\]/]*):(\d{1,6})")
 _LISTEN_EXAMPLES = '"127.0.0.1:9542", "[::1]:9542" or /run/tagrouted/metrics.sock'
 UNIX_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes with the trailing NUL
+_RATE_RE = re.compile(r"\s*(\d{1,12})\s*/\s*([a-z]+)\s*")
 # Where a comment starts: a '#' at the start of a line or after white space.
 _COMMENT = re.compile(r"(?:^|[ \t])#")
 
@@ -605,12 +624,15 @@ _PATH_UNIQUE = ("name", "dscp", "mark", "table", "priority", "tunnel_interface")
 # A path is a tunnel, a DSCP value, a routing table and a rule: a few per home, not hundreds.
 MAX_PATHS = 32
 _FIREWALL_KEYS = {"backend": False, "host_firewall": False}
-_SERVICE_KEYS = {"name": True, "proto": True, "port": True, "address": True, "to_port": False}
+_SERVICE_KEYS = {"name": True, "proto": True, "port": True, "address": True, "to_port": False,
+                 "allow_from": False, "rate_limit": False, "burst": False}
 _GATEWAY_KEYS = {"public_interface": True, "public_addresses": True, "home_networks": True,
                  "via": False, "forwards": False}
-_VPN_SERVER_KEYS = {"tunnel_interface": True, "uplink_interface": True, "families": False}
+_VPN_SERVER_KEYS = {"tunnel_interface": True, "uplink_interface": True, "families": False,
+                    "mss_clamp": False}
 # tunnel_interface is required without `paths:` and refused with it (checked by hand)
-_VPN_CLIENT_KEYS = {"tunnel_interface": False, "lan_interface": True, "rp_filter": False}
+_VPN_CLIENT_KEYS = {"tunnel_interface": False, "lan_interface": True, "rp_filter": False,
+                    "mss_clamp": False}
 _SERVICE_SECTION_KEYS = {"via": False, "tunnel_interface": False}
 _METRICS_KEYS = {"listen": True}
 _ROLE_SECTIONS = {"gateway": "gateway", "vpn-server": "vpn_server", "vpn-client": "vpn_client",
@@ -867,6 +889,15 @@ class _Checker:
             return None
         return list(node.value)
 
+    def capped_items(self, node: _Node, path: str, what: str, limit: int, noun: str) -> list[_Node] | None:
+        """A non-empty list of at most `limit` prefixes."""
+        nodes = self.items(node, path, what)
+        if nodes is not None and len(nodes) > limit:
+            self.bad(node, path, f"{len(nodes)} {noun}, more than the limit of {limit}: "
+                                 "summarise them into fewer prefixes")
+            return None
+        return nodes
+
     def string(self, node: _Node, path: str, what: str = "a string") -> str | None:
         if node.kind == "scalar" and isinstance(node.value, str):
             return node.value
@@ -944,15 +975,8 @@ class _Checker:
         if "/" not in text:
             self.bad(node, path, f"{text} has no /prefix length: expected a network like 192.168.100.0/24")
             return None
-        try:
-            network = ip_network(text, strict=True)
-        except ValueError:
-            try:
-                loose = ip_network(text, strict=False)
-            except ValueError:
-                self.bad(node, path, f"{text!r} is not an IPv4 or IPv6 network prefix")
-            else:
-                self.bad(node, path, f"{text} has host bits set (the network is {loose})")
+        network = self.prefix(node, path, text, "network prefix")
+        if network is None:
             return None
         if network.prefixlen == 0:
             self.bad(node, path, f"{text} is everything: a home network must be a real prefix")
@@ -963,6 +987,19 @@ class _Checker:
                                      "unicast space")
                 return None
         return network
+
+    def prefix(self, node: _Node, path: str, text: str, what: str) -> IPNetwork | None:
+        """`text` as a network without host bits (a bare address is its /32 or /128)."""
+        try:
+            return ip_network(text, strict=True)
+        except ValueError:
+            try:
+                loose = ip_network(text, strict=False)
+            except ValueError:
+                self.bad(node, path, f"{text!r} is not an IPv4 or IPv6 {what}")
+            else:
+                self.bad(node, path, f"{text} has host bits set (the network is {loose})")
+            return None
 
     def addresses(self, node: _Node, path: str, what: str, nonempty: bool,
                   one_per_family: bool = False, next_hop: bool = False) -> list[_Addr] | None:
@@ -1037,6 +1074,7 @@ class _Checker:
                                              vpn_client, service, role_names)
         if services is not None:
             self.check_names([*services, *(gateway[1]["forwards"] if gateway else [])])
+            self.check_shared_homes([*services, *(gateway[1]["forwards"] if gateway else [])])
         if vpn_client and vpn_client[0].tunnel_interface == vpn_client[0].lan_interface:
             self.bad(vpn_client[1]["lan"], "vpn_client.lan_interface", "must differ from tunnel_interface")
         if vpn_server and vpn_server[0].tunnel_interface == vpn_server[0].uplink_interface:
@@ -1206,10 +1244,101 @@ class _Checker:
                 self.bad(vnode, _key(path, "to_port"),
                          f"only allowed with a single port, not the range {port}")
                 ok = False
+        allow_from: tuple[IPNetwork, ...] = ()
+        if "allow_from" in entries:
+            allowed = self.allow_from(entries["allow_from"][1], _key(path, "allow_from"), address)
+            ok = ok and allowed is not None
+            allow_from = allowed or ()
+        rate_limit = None
+        if "rate_limit" in entries or "burst" in entries:
+            rate_limit = self.rate_limit(entries, path)
+            ok = ok and rate_limit is not None
         if not ok or name is None or proto is None or port is None or address is None:
             return None
-        service = Service(name, proto, port, address, to_port)  # type: ignore[arg-type]
+        service = Service(name, proto, port, address, to_port, allow_from, rate_limit)  # type: ignore[arg-type]
         return _Parsed(service, path, entries["name"][1], entries["port"][1], entries["address"][1])
+
+    def allow_from(self, node: _Node, path: str, address: IPAddress | None) -> tuple[IPNetwork, ...] | None:
+        """Source prefixes (a bare address is its /32 or /128), each of the service's family."""
+        nodes = self.capped_items(node, path, "source prefixes (omit allow_from to admit everyone)",
+                                  MAX_ALLOW_FROM, "prefixes")
+        if nodes is None:
+            return None
+        out: list[IPNetwork] = []
+        first: dict[IPNetwork, int] = {}
+        ok = True
+        for i, item in enumerate(nodes):
+            where = _index(path, i)
+            network = self.source_prefix(item, where)
+            if network is None:
+                ok = False
+                continue
+            if address is not None and network.version != address.version:
+                self.bad(item, where, f"an IPv{network.version} prefix, but the service's address "
+                                      f"{address} is IPv{address.version}: it would never match")
+                ok = False
+            elif network in first:
+                self.bad(item, where, f"{network} is listed twice (first at line {first[network]})")
+                ok = False
+            else:
+                first[network] = item.line
+                out.append(network)
+        return tuple(out) if ok else None
+
+    def source_prefix(self, node: _Node, path: str) -> IPNetwork | None:
+        if node.kind == "scalar" and isinstance(node.value, int) and not isinstance(node.value, bool):
+            self.bad(node, path, f"expected an address or prefix, got {_type_name(node)}: quote it "
+                                 "(YAML 1.1 reads some IPv6 addresses as base-60 numbers)")
+            return None
+        text = self.string(node, path, "an address or prefix (e.g. 198.51.100.0/24)")
+        network = None if text is None else self.prefix(node, path, text, "address or prefix")
+        if network is None or text is None:
+            return None
+        if isinstance(network, IPv6Network) and network.network_address.ipv4_mapped is not None:
+            self.bad(node, path, f"{text} is IPv4-mapped IPv6: write the IPv4 prefix "
+                                 "(ip6tables and nft would take it for IPv6)")
+            return None
+        return network
+
+    def rate_limit(self, entries: dict[str, _Entry], path: str) -> RateLimit | None:
+        if "rate_limit" not in entries:
+            self.bad(entries["burst"][0], _key(path, "burst"), "only with rate_limit (the burst of what?)")
+            return None
+        node = entries["rate_limit"][1]
+        where = _key(path, "rate_limit")
+        text = self.string(node, where, 'a rate like "10/s" or "30/min"')
+        if text is None:
+            return None
+        m = _RATE_RE.fullmatch(text)
+        if m is None or m.group(2) not in RATE_UNITS:
+            self.bad(node, where, f'{text!r} is not a rate: write N/s or N/min (new connections per '
+                                  'source address), e.g. "10/s"')
+            return None
+        rate = int(m.group(1))
+        if not 1 <= rate <= MAX_RATE:
+            why = " (0 would admit nobody: leave the service out instead)" if rate == 0 else ""
+            self.bad(node, where, f"{rate} is out of range 1..{MAX_RATE}{why}")
+            return None
+        burst = rate
+        if "burst" in entries:
+            value = self.integer(entries["burst"][1], _key(path, "burst"), 1, MAX_BURST,
+                                 " (new connections a source may open at once)")
+            if value is None:
+                return None
+            burst = value
+        return RateLimit(rate, RATE_UNITS[m.group(2)], burst)
+
+    def mss_clamp(self, node: _Node, path: str) -> MssSetting | None:
+        v = node.value
+        if node.kind == "scalar" and v is False:
+            return "off"  # YAML 1.1 reads a bare off as false
+        if node.kind == "scalar" and isinstance(v, int) and not isinstance(v, bool):
+            why = f" (an MSS: {MSS_MIN} is the least every host takes, {MSS_MAX} fits a 65535-byte packet)"
+            return self.integer(node, path, MSS_MIN, MSS_MAX, why)
+        if node.kind == "scalar" and v in ("pmtu", "off"):
+            return v  # type: ignore[no-any-return]
+        self.bad(node, path, f"expected pmtu, off or an MSS {MSS_MIN}..{MSS_MAX}, got {_type_name(node)}")
+        return None
 
     def port_range(self, node: _Node, path: str) -> PortRange | None:
         v = node.value
@@ -1265,12 +1394,8 @@ class _Checker:
 
     def networks(self, node: _Node) -> list[_Net] | None:
         path = "gateway.home_networks"
-        nodes = self.items(node, path, "network prefixes")
+        nodes = self.capped_items(node, path, "network prefixes", MAX_HOME_NETWORKS, "home networks")
         if nodes is None:
-            return None
-        if len(nodes) > MAX_HOME_NETWORKS:
-            self.bad(node, path, f"{len(nodes)} home networks, more than the limit of {MAX_HOME_NETWORKS}: "
-                                 "summarise them into fewer prefixes")
             return None
         out: list[_Net] = []
         seen: dict[IPNetwork, _Net] = {}
@@ -1301,9 +1426,12 @@ class _Checker:
         families: tuple[Family, ...] | None = (4, 6)
         if "families" in entries:
             families = self.families(entries["families"][1])
-        if tun is None or up is None or families is None:
+        mss: MssSetting | None = "pmtu"
+        if "mss_clamp" in entries:
+            mss = self.mss_clamp(entries["mss_clamp"][1], "vpn_server.mss_clamp")
+        if tun is None or up is None or families is None or mss is None:
             return None
-        return VpnServerSection(tun, up, families), {"uplink": entries["uplink_interface"][1]}
+        return VpnServerSection(tun, up, families, mss), {"uplink": entries["uplink_interface"][1]}
 
     def families(self, node: _Node) -> tuple[Family, ...] | None:
         path = "vpn_server.families"
@@ -1347,9 +1475,12 @@ class _Checker:
             # YAML 1.1 reads a bare `off` as false.
             rp_filter = "off" if vnode.value is False else self.choice(vnode, "vpn_client.rp_filter",
                                                                        ("off", "loose"))
-        if (tun is None and not with_paths) or lan is None or rp_filter is None:
+        mss: MssSetting | None = "pmtu"
+        if "mss_clamp" in entries:
+            mss = self.mss_clamp(entries["mss_clamp"][1], "vpn_client.mss_clamp")
+        if (tun is None and not with_paths) or lan is None or rp_filter is None or mss is None:
             return None
-        section = VpnClientSection(tun, lan, rp_filter)  # type: ignore[arg-type]
+        section = VpnClientSection(tun, lan, rp_filter, mss)  # type: ignore[arg-type]
         return section, {"lan": entries["lan_interface"][1]}
 
     def service_section(self, node: _Node, with_paths: bool) -> tuple[ServiceSection, dict[str, Any]] | None:
@@ -1515,7 +1646,9 @@ class _Checker:
                     self.bad(a.node, a.path, f"no IPv{f} home network to route through this address")
         exposed = [*services, *forwards]
         per_family = {f: sum(1 for a in publics if _family(a.address) == f) for f in (4, 6)}
-        expanded = sum(per_family[p.service.family] + 1 for p in exposed) + len(homes)
+        # per entry: a DNAT per public address; an accept per source (and a limit before each),
+        # a counting drop when restricted
+        expanded = sum(per_family[p.service.family] + _policy_rules(p.service) for p in exposed) + len(homes)
         if expanded > MAX_EXPANDED_RULES:
             node = gw["publics_node"]
             self.bad(node, "gateway.public_addresses",
@@ -1630,6 +1763,29 @@ class _Checker:
                          "a via of their own use it)")
         return out
 
+    def check_shared_homes(self, exposed: list[_Parsed]) -> None:
+        """Entries whose home endpoints overlap (443 and 8443 both to .3:443) must share allow_from
+        and rate_limit: after the DNAT, the forward filter sees only the home endpoint."""
+        if not any(p.service.allow_from or p.service.rate_limit for p in exposed):
+            return
+        spans = sorted(exposed, key=lambda p: (p.service.proto, p.service.family, int(p.service.address),
+                                               p.service.home_port.first, p.service.home_port.last))
+        reach: _Parsed | None = None
+        for p in spans:
+            s = p.service
+            r = reach.service if reach else None
+            if r is not None and (r.proto, r.address) == (s.proto, s.address) \
+                    and s.home_port.first <= r.home_port.last:
+                if (r.allow_from, r.rate_limit) != (s.allow_from, s.rate_limit):
+                    self.bad(p.name, _key(p.path, "name"),
+                             f"{s.name} and {r.name} ({reach.path}, line {reach.name.line}) both reach "  # type: ignore[union-attr]
+                             f"{s.address} {s.proto} port {s.home_port}: the forward filter sees only "
+                             "that home endpoint, so give them the same allow_from and rate_limit")
+                if s.home_port.last > r.home_port.last:
+                    reach = p
+            else:
+                reach = p
+
     def check_names(self, exposed: list[_Parsed]) -> None:
         first: dict[str, _Parsed] = {}
         for p in exposed:
@@ -1660,6 +1816,11 @@ def _foreign_tag_value(key: str, value: int) -> str | None:
                 "with it would be taken for tagged replies and sent into the tunnel; pick an unused "
                 "one (e.g. 42)")
     return None
+
+
+def _policy_rules(s: Service) -> int:
+    sources = max(1, len(s.allow_from))
+    return sources * (2 if s.rate_limit else 1) + (1 if s.allow_from else 0)
 
 
 def _overlapping_ports(exposed: list[_Parsed]) -> list[tuple[_Parsed, _Parsed]]:

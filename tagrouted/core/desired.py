@@ -14,9 +14,9 @@ single-path form is one path), each with its own tag, rule and table.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, collapse_addresses
 
-from .config import Config, Family, IPAddress, Service, Tag, TagPath
+from .config import Config, Family, IPAddress, MssSetting, Service, Tag, TagPath
 from .state import (
     UNREACHABLE_METRIC,
     ConntrackFlush,
@@ -26,6 +26,7 @@ from .state import (
     GatewayPolicy,
     HostFacts,
     LinkFacts,
+    MssClamp,
     Passage,
     PolicyRule,
     ReplyTagging,
@@ -47,8 +48,24 @@ def _family(addr: IPAddress) -> Family:
 
 
 def exposed(svc: Service, tagged: bool = True) -> Exposed:
+    # Overlapping or adjacent prefixes merged: an interval set refuses overlaps, and the same
+    # sources then read the same in both backends.
+    allow = tuple(str(n) for n in collapse_addresses(svc.allow_from)) if svc.allow_from else ()  # type: ignore[arg-type]
     return Exposed(svc.name, svc.family, svc.proto, (svc.port.first, svc.port.last),
-                   str(svc.address), svc.to_port, tagged)
+                   str(svc.address), svc.to_port, tagged, allow, svc.rate_limit)
+
+
+def _admitted(svc: Service) -> Exposed:
+    """A service as the VPN client admits it: allow_from enforced again (the true source is
+    there too), rate limits left to the gateway (one bucket per source, not two)."""
+    e = exposed(svc)
+    return Exposed(e.name, e.family, e.proto, e.port, e.address, e.to_port, e.tagged, e.allow_from)
+
+
+def _mss_clamp(family: Family, interface: str, setting: MssSetting) -> MssClamp | None:
+    if setting == "off":
+        return None
+    return MssClamp(family, interface, None if setting == "pmtu" else int(setting))
 
 
 class _Builder:
@@ -65,6 +82,7 @@ class _Builder:
         self.tunnel_tags: list[TunnelTagging] = []
         self.admissions: list[TunnelAdmission] = []
         self.reply_tags: list[ReplyTagging] = []
+        self.mss_clamps: dict[MssClamp, None] = {}
         self.udp: set[ConntrackFlush] = set()
         self.notes: list[str] = []
 
@@ -94,6 +112,7 @@ class _Builder:
             tunnel_tags=tuple(self.tunnel_tags),
             admissions=tuple(self.admissions),
             reply_tags=tuple(self.reply_tags),
+            mss_clamps=tuple(self.mss_clamps),
         )
         return DesiredState(
             routes=frozenset(self.routes),
@@ -138,7 +157,8 @@ def _gateway(config: Config, facts: HostFacts, b: _Builder) -> None:
                      *(exposed(f, tagged=False) for f in gw.forwards if f.family == family))
         for e in endpoints:
             if e.proto == "udp":
-                b.udp.update(ConntrackFlush(family, p, e.port[0], e.port[1]) for p in publics)
+                b.udp.update(ConntrackFlush(family, p, e.port[0], e.port[1], e.address, e.to_port)
+                             for p in publics)
         outside = tuple(_host(f.address) for f in gw.forwards
                         if f.family == family and not any(f.address in net for net in home))
         b.gateways.append(GatewayPolicy(
@@ -167,6 +187,8 @@ def _vpn_server(config: Config, facts: HostFacts, b: _Builder) -> None:
         b.passages[Passage(family, tun, up)] = None
         if up != public:
             b.passages[Passage(family, up, tun)] = None
+        if clamp := _mss_clamp(family, tun, vs.mss_clamp):
+            b.mss_clamps[clamp] = None
         b.forwarding(family, facts)
 
 
@@ -192,7 +214,7 @@ def _vpn_client(config: Config, facts: HostFacts, b: _Builder) -> None:
     assert vc is not None
     lan = vc.lan_interface
     families = _service_families(config)
-    admitted = {f: tuple(exposed(s) for s in config.services if s.family == f) for f in families}
+    admitted = {f: tuple(_admitted(s) for s in config.services if s.family == f) for f in families}
     for path in config.tag_paths():
         tun = path.tunnel_interface
         assert tun is not None  # the config check requires it on a vpn-client
@@ -203,6 +225,8 @@ def _vpn_client(config: Config, facts: HostFacts, b: _Builder) -> None:
             b.routes.add(Route(family, path.table, "default", kind="unreachable", metric=UNREACHABLE_METRIC))
             b.tunnel_tags.append(TunnelTagging(family, tun, lan, path.dscp, path.mark, path.name))
             b.admissions.append(TunnelAdmission(family, tun, lan, admitted[family]))
+            if clamp := _mss_clamp(family, tun, vc.mss_clamp):
+                b.mss_clamps[clamp] = None
             b.forwarding(family, facts)
         if _present(facts, tun) and 4 in families:
             b.sysctls[f"net.ipv4.conf.{tun}.rp_filter"] = _rp_filter_value(

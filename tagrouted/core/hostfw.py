@@ -960,12 +960,12 @@ class Conflict:
     """Another firewall blocks or re-marks our traffic: where, what it does, and the fix."""
 
     severity: Severity
-    table: str        # "inet filter", "iptables-nft filter (IPv4)", "sysctl"
+    table: str        # "inet filter", "iptables-nft filter (IPv4)", "legacy mangle (IPv6)"
     chain: str
     rule: str         # "handle 7: <text>", "policy drop", "rule 3: <options>"
     does: str         # what it does to our traffic
     fix: str          # the command that fixes it
-    kind: str = "drop"  # drop | mark | ct mark | dscp | sysctl
+    kind: str = "drop"  # drop | mark | ct mark | dscp
 
     @property
     def key(self) -> str:
@@ -1068,10 +1068,10 @@ def _after(chain: ForeignChain, point: TagPoint, backend: str) -> Tri:
     return chain.priority > point.priority
 
 
-def judge(rs: Ruleset, intent: FirewallIntent, backend: str,
-          sysctls: dict[str, str] | None = None, rp_filter_tunnels: Iterable[str] = (),
-          forwarding: Iterable[Family] = ()) -> tuple[Conflict, ...]:
-    """Every conflict of the host's ruleset (and sysctls) with our traffic, fails first."""
+def judge(rs: Ruleset, intent: FirewallIntent, backend: str) -> tuple[Conflict, ...]:
+    """Every conflict of the host's ruleset with our traffic, fails first. (rp_filter and
+    forwarding are the routing lane's to keep, and doctor's to check: not judged here, where
+    a pass of the other lane would race them.)"""
     found: dict[str, Conflict] = {}
     whats: dict[str, list[str]] = {}
 
@@ -1115,8 +1115,6 @@ def judge(rs: Ruleset, intent: FirewallIntent, backend: str,
                 add(Conflict("fail" if sure else "warn", _table_label(chain), h.at.name, _rule_label(h),
                              f"{verb if sure else 'may ' + verb.rstrip('s')} {point.flow.what}{when}",
                              _fix_tag(h, point), point.field))
-    for c in sysctl_conflicts(sysctls or {}, rp_filter_tunnels, forwarding):
-        add(c)
     out = []
     for key, c in found.items():
         what = whats.get(key, [])
@@ -1125,27 +1123,6 @@ def judge(rs: Ruleset, intent: FirewallIntent, backend: str,
             c = replace(c, does=f"{c.does} {' and '.join(what[:2])}{more}")
         out.append(c)
     return tuple(sorted(out, key=lambda c: (c.severity != "fail", c.table, c.chain, c.rule)))
-
-
-def sysctl_conflicts(values: dict[str, str], rp_filter_tunnels: Iterable[str],
-                     forwarding: Iterable[Family]) -> list[Conflict]:
-    """rp_filter strict on a tunnel (the kernel uses max(all, tunnel)); forwarding off."""
-    out: list[Conflict] = []
-    for tun in rp_filter_tunnels:
-        all_v, tun_v = values.get("net.ipv4.conf.all.rp_filter"), values.get(f"net.ipv4.conf.{tun}.rp_filter")
-        if all_v is None or tun_v is None:
-            continue
-        if max(int(all_v), int(tun_v)) == 1:
-            out.append(Conflict("fail", "sysctl", "rp_filter", f"net.ipv4.conf.all.rp_filter={all_v}, "
-                                f"net.ipv4.conf.{tun}.rp_filter={tun_v}",
-                                f"strict reverse-path filtering on {tun} drops replies to Internet clients",
-                                f"sysctl -w net.ipv4.conf.{tun}.rp_filter=2", "sysctl"))
-    for family in forwarding:
-        key = "net.ipv4.ip_forward" if family == 4 else "net.ipv6.conf.all.forwarding"
-        if values.get(key) == "0":
-            out.append(Conflict("fail", "sysctl", "forwarding", f"{key}=0",
-                                f"IPv{family} packets are not forwarded", f"sysctl -w {key}=1", "sysctl"))
-    return out
 
 
 # ---- the accepts we keep in the host's FORWARD chains ------------------------------------------

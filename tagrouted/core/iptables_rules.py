@@ -6,10 +6,17 @@ Pure: a function of the intent, no I/O. The rules are written the way iptables-s
 server's accepts before the VPN client's admissions), each rule once.
 Marks and connmarks are set, saved, restored and matched within `mark_mask` only, so the bits
 other tools keep in the same mark survive (MARK/CONNMARK --set-xmark v/m clears m, then sets v).
+
+Per-service policy in the forward ACL, per exposed endpoint: for each allowed source (`-s`; all
+when allow_from is absent) a hashlimit DROP of new connections beyond its rate_limit (srcip mode,
+`--ctstate NEW`, the table named after the endpoint and limit, forgotten once a source's bucket
+has refilled), then the ACCEPT; then, for a restricted service, a DROP whose counter is what its
+allow_from dropped. MSS clamping: TCPMSS in mangle FORWARD on SYNs into and out of a tunnel.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 
 from .state import (
@@ -20,7 +27,9 @@ from .state import (
     FirewallIntent,
     FirewallRule,
     Match,
+    MssClamp,
     OwnedChain,
+    RateLimit,
     ReplyTagging,
     TunnelTagging,
 )
@@ -68,12 +77,61 @@ def dnat_rule(e: Exposed, public_interface: str, public: str) -> FirewallRule:
     )
 
 
-def accept_rule(e: Exposed, in_interface: str, out_interface: str | None = None) -> FirewallRule:
+def accept_rule(e: Exposed, in_interface: str, out_interface: str | None = None,
+                source: str | None = None) -> FirewallRule:
     return FirewallRule(
-        in_interface=in_interface, out_interface=out_interface, protocol=e.proto,
+        in_interface=in_interface, out_interface=out_interface, protocol=e.proto, source=source,
         destination=_host(e.address, e.family), matches=(_port_match(e, public=False),),
         target="ACCEPT",
     )
+
+
+def dropped_rule(e: Exposed, in_interface: str, out_interface: str | None = None) -> FirewallRule:
+    """What a restricted service's allowed sources did not take: dropped, and counted here."""
+    return FirewallRule(
+        in_interface=in_interface, out_interface=out_interface, protocol=e.proto,
+        destination=_host(e.address, e.family), matches=(_port_match(e, public=False),),
+        target="DROP",
+    )
+
+
+def hashlimit_name(e: Exposed, rl: RateLimit) -> str:
+    """The kernel's name for the rate table (at most 15 characters, /proc/net/ipt_hashlimit/):
+    one per home endpoint and limit, so two rules never share a table with other parameters."""
+    text = f"{e.family} {e.address} {e.proto} {_ports(e.home_port)} {rl.rate}/{rl.unit} {rl.burst}"
+    return "tr-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def limit_rule(e: Exposed, in_interface: str, source: str | None) -> FirewallRule:
+    rl = e.rate_limit
+    assert rl is not None
+    unit = "sec" if rl.unit == "second" else "min"
+    return FirewallRule(
+        in_interface=in_interface, protocol=e.proto, source=source,
+        destination=_host(e.address, e.family),
+        matches=(_port_match(e, public=False),
+                 Match("conntrack", (("ctstate", "NEW"),)),
+                 Match("hashlimit", (("hashlimit-above", f"{rl.rate}/{unit}"),
+                                     ("hashlimit-burst", str(rl.burst)),
+                                     ("hashlimit-mode", "srcip"),
+                                     ("hashlimit-name", hashlimit_name(e, rl)),
+                                     ("hashlimit-htable-expire", str(rl.refill_seconds * 1000))))),
+        target="DROP",
+    )
+
+
+def _sources(e: Exposed) -> tuple[str | None, ...]:
+    return e.allow_from or (None,)
+
+
+def mss_rules(m: MssClamp) -> tuple[FirewallRule, FirewallRule]:
+    """SYNs and SYN-ACKs (SYN set, RST not: TCPMSS refuses rules that may see other packets)."""
+    target = (("clamp-mss-to-pmtu", ""),) if m.mss is None else (("set-mss", str(m.mss)),)
+    syn = (Match("tcp", (("tcp-flags", "SYN,RST SYN"),)),)
+    return (FirewallRule(out_interface=m.interface, protocol="tcp", matches=syn, target="TCPMSS",
+                         target_options=target),
+            FirewallRule(in_interface=m.interface, protocol="tcp", matches=syn, target="TCPMSS",
+                         target_options=target))
 
 
 class _Chains:
@@ -136,7 +194,15 @@ def legacy_chains(intent: FirewallIntent) -> tuple[OwnedChain, ...]:
                   for dst in (*gw.home_networks, *gw.outside_hosts)]
         if gw.via_tunnel:
             denies.append(FirewallRule(in_interface=pub, out_interface=gw.via_tunnel, target="DROP"))
-        c.add(f, "filter", "FORWARD", ESTABLISHED, *(accept_rule(e, pub) for e in gw.exposed), *denies)
+        acl: list[FirewallRule] = []
+        for e in gw.exposed:
+            for source in _sources(e):
+                if e.rate_limit is not None:
+                    acl.append(limit_rule(e, pub, source))
+                acl.append(accept_rule(e, pub, source=source))
+            if e.restricted:
+                acl.append(dropped_rule(e, pub))
+        c.add(f, "filter", "FORWARD", ESTABLISHED, *acl, *denies)
     for p in intent.passages:
         c.add(p.family, "filter", "FORWARD",
               FirewallRule(in_interface=p.in_interface, out_interface=p.out_interface, target="ACCEPT"))
@@ -145,11 +211,17 @@ def legacy_chains(intent: FirewallIntent) -> tuple[OwnedChain, ...]:
         c.add(t.family, "mangle", "POSTROUTING",
               FirewallRule(out_interface=t.tunnel, target="DSCP", target_options=(("set-dscp", "0x00"),)))
     for a in intent.admissions:
-        c.add(a.family, "filter", "FORWARD", ESTABLISHED,
-              *(accept_rule(e, a.tunnel, a.lan) for e in a.exposed))
+        admit: list[FirewallRule] = []
+        for e in a.exposed:
+            admit += [accept_rule(e, a.tunnel, a.lan, source) for source in _sources(e)]
+            if e.restricted:
+                admit.append(dropped_rule(e, a.tunnel, a.lan))
+        c.add(a.family, "filter", "FORWARD", ESTABLISHED, *admit)
     for a in intent.admissions:  # every tunnel's accepts before any tunnel's drop (paths)
         c.add(a.family, "filter", "FORWARD",
               FirewallRule(in_interface=a.tunnel, out_interface=a.lan, target="DROP"))
+    for m in intent.mss_clamps:
+        c.add(m.family, "mangle", "FORWARD", *mss_rules(m))
     for r in intent.reply_tags:
         c.add(r.family, "mangle", "INPUT", _connmark_rule(r, mask))
         c.add(r.family, "mangle", "OUTPUT", _restore_rule(r, mask))
@@ -174,7 +246,8 @@ def counted_rules(intent: FirewallIntent) -> dict[str, tuple[CountedRule, ...]]:
     else:
         for a in intent.admissions:
             for e in a.exposed:
-                out[e.name].append((a.family, "filter", "TAGROUTED-FORWARD", accept_rule(e, a.tunnel, a.lan)))
+                out[e.name] += [(a.family, "filter", "TAGROUTED-FORWARD",
+                                 accept_rule(e, a.tunnel, a.lan, source)) for source in _sources(e)]
     return {name: tuple(rules) for name, rules in out.items()}
 
 
@@ -197,3 +270,25 @@ def path_counted_rules(intent: FirewallIntent) -> dict[str, dict[str, tuple[Coun
                 kinds["requests"].append((r.family, "mangle", "TAGROUTED-INPUT", _connmark_rule(r, mask)))
             kinds["replies"].append((r.family, "mangle", "TAGROUTED-OUTPUT", _restore_rule(r, mask)))
     return {path: {what: tuple(rules) for what, rules in kinds.items()} for path, kinds in out.items()}
+
+
+def policy_rules(intent: FirewallIntent) -> dict[str, dict[str, tuple[CountedRule, ...]]]:
+    """For each service or forward with a policy, the rules whose counters say what it dropped:
+    "dropped" (allow_from: the gateway's and the VPN client's counting DROP) and "limited"
+    (rate_limit: the gateway's hashlimit DROPs)."""
+    out: dict[str, dict[str, list[CountedRule]]] = defaultdict(lambda: defaultdict(list))
+    for gw in intent.gateways:
+        for e in gw.exposed:
+            if e.restricted:
+                out[e.name]["dropped"].append((gw.family, "filter", "TAGROUTED-FORWARD",
+                                               dropped_rule(e, gw.public_interface)))
+            if e.rate_limit is not None:
+                out[e.name]["limited"] += [
+                    (gw.family, "filter", "TAGROUTED-FORWARD", limit_rule(e, gw.public_interface, source))
+                    for source in _sources(e)]
+    for a in intent.admissions:
+        for e in a.exposed:
+            if e.restricted:
+                out[e.name]["dropped"].append((a.family, "filter", "TAGROUTED-FORWARD",
+                                               dropped_rule(e, a.tunnel, a.lan)))
+    return {name: {kind: tuple(rules) for kind, rules in kinds.items()} for name, kinds in out.items()}

@@ -13,6 +13,8 @@ What one transaction does (knftables/kube-proxy style, in one batch, so no packe
 - a set whose elements differ: the missing ones added when the kernel holds nothing we do not
   want, else flushed and refilled; a set whose declared types differ, or that we no longer want,
   is deleted, which first needs every chain flushed (rules reference sets) and refilled.
+- a meter (a dynamic set: the kernel adds its elements, without comments) is compared by its
+  declaration only and never flushed: its buckets survive every sync that keeps its limit.
 - counters: added when missing, deleted last (after the map elements that referenced them);
   a counter kept keeps its packets and bytes across any reload that keeps its service.
 """
@@ -48,6 +50,8 @@ class KernelSet:
     value: tuple[str, ...] | None
     flags: tuple[str, ...]
     comments: tuple[str | None, ...]    # per element; None: not written by us
+    timeout: int | None = None          # seconds
+    size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -80,9 +84,14 @@ class Transaction:
         self.changes.append(Change(action, obj, message))  # type: ignore[arg-type]
 
 
+def _flags(flags: tuple[str, ...]) -> tuple[str, ...]:
+    # nft 1.0.6 leaves `dynamic` out of its JSON: a meter's other flags and timeout tell it apart
+    return tuple(sorted(f for f in flags if f != "dynamic"))
+
+
 def _declared(s: NftSet, k: KernelSet) -> bool:
-    want = (s.kind, s.key, s.value, tuple(sorted(s.flags)))
-    return want == (k.kind, k.key, k.value, tuple(sorted(k.flags)))
+    want = (s.kind, s.key, s.value, _flags(s.flags), s.timeout, s.size)
+    return want == (k.kind, k.key, k.value, _flags(k.flags), k.timeout, k.size)
 
 
 def _chain_declared(c: NftChain, k: KernelChain) -> bool:
@@ -176,6 +185,8 @@ def nft_transaction(desired: NftTable, kernel: KernelNft) -> Transaction:
             if f := _dnat_family(s.name):
                 tx.dnat_changed.add(f)
             continue
+        if s.dynamic:
+            continue  # the kernel's buckets, not ours to compare
         if _element_changes(tx, s, k) and (f := _dnat_family(s.name)):
             tx.dnat_changed.add(f)
     for c in desired.chains:
@@ -197,7 +208,9 @@ def nft_transaction(desired: NftTable, kernel: KernelNft) -> Transaction:
 
 def _decl(k: KernelSet) -> str:
     typ = " . ".join(k.key) + (" : " + " . ".join(k.value) if k.value is not None else "")
-    return f"type {typ}; flags {', '.join(k.flags)};"
+    timeout = f" timeout {k.timeout}s;" if k.timeout is not None else ""
+    size = f" size {k.size};" if k.size is not None else ""
+    return f"type {typ}; flags {', '.join(k.flags)};{timeout}{size}"
 
 
 def _rule_change(c: NftChain, k: KernelChain) -> str:
@@ -263,7 +276,7 @@ def drift_lines(desired: NftTable, kernel: KernelNft) -> list[str]:
             lines += [f"+{line}" for line in script.lines]
         elif not _declared(s, k):
             lines.append(f"~{s.kind} {s.name} ({WHERE}): declared {_decl(k)}, want {s.declaration()}")
-        else:
+        elif not s.dynamic:
             have = Counter(k.comments)
             lines += [f"+add element {WHERE} {s.name} {{ {e.command_text()} }}"
                       for e in s.elements if have[e.comment] < 1]

@@ -16,8 +16,19 @@ Base chains and why their priorities (numbers as nft prints them; `mangle` is -1
 - `postrouting` filter/postrouting mangle + 10: the service host's DSCP stamp and the VPN client's
   DSCP clear toward the tunnel, after other tools' mangle POSTROUTING (which may clear DSCP).
 - `dstnat`      nat/prerouting     dstnat (-100): the gateway's DNAT map.
+- `mss`         filter/forward     mangle + 10: TCP SYNs and SYN-ACKs into or out of a tunnel get
+  their MSS clamped (`rt mtu`: the smaller of the route's MTU on and the one back to the sender),
+  ahead of `forward`, whose established accept would end our part for a SYN-ACK.
 - `forward`     filter/forward     filter (0): per-service counters, then the forward ACLs. An
   accept here ends only our chain; our drops are final whatever other tables say.
+
+Per-service policy keeps the per-packet cost flat in the number of services: the allowed sources
+are an interval part of the service sets' key (`ip saddr . ip daddr . meta l4proto . th dport`;
+0.0.0.0/0 or ::/0 for everyone); what falls through for a restricted service is counted by a
+named counter per service (`dropped_<name>`, through a map) and dropped. Rate limits: one rule per
+distinct limit, its services in a set, a meter (a dynamic set the kernel fills, one bucket per
+source and service, forgotten once idle long enough to have refilled) and `limited_<name>`
+counters; `ct state new` only, after the established accept, so no open connection is cut.
 Marks and connmarks are set, restored and matched within `mark_mask` only.
 
 Every rule counts its packets (a `counter` before its verdict: `tagroutectl doctor` and the
@@ -32,7 +43,7 @@ import functools
 import hashlib
 from dataclasses import dataclass, field
 
-from .state import Exposed, Family, FirewallIntent
+from .state import Exposed, Family, FirewallIntent, RateLimit
 
 TABLE_FAMILY = "inet"
 TABLE_NAME = "tagrouted"
@@ -83,17 +94,27 @@ class NftSet:
     value: tuple[str, ...] | None = None
     flags: tuple[str, ...] = ("interval",)
     elements: tuple[NftElement, ...] = ()
+    # A meter: the kernel adds the elements (no comments), so only the declaration is ours to
+    # compare, and a sync never flushes it.
+    timeout: int | None = None   # seconds
+    size: int | None = None
 
     @property
     def kind(self) -> str:
         return "set" if self.value is None else "map"
+
+    @property
+    def dynamic(self) -> bool:
+        return "dynamic" in self.flags
 
     def declaration(self) -> str:
         typ = " . ".join(self.key)
         if self.value is not None:
             typ += " : " + " . ".join(self.value)
         flags = f" flags {', '.join(self.flags)};" if self.flags else ""
-        return f"type {typ};{flags}"
+        timeout = f" timeout {self.timeout}s;" if self.timeout is not None else ""
+        size = f" size {self.size};" if self.size is not None else ""
+        return f"type {typ};{flags}{timeout}{size}"
 
 
 @dataclass(frozen=True)
@@ -151,6 +172,27 @@ def path_counter_name(path: str, what: str) -> str:
     """The named counter of a path's `requests` (tagged on the way in) or `replies` (sent back
     through it); path names are letters, digits, '_', '.', '-'."""
     return f"path_{path}_{what}"
+
+
+def dropped_counter(service: str) -> str:
+    """What its allow_from dropped."""
+    return f"dropped_{service}"
+
+
+def limited_counter(service: str) -> str:
+    """What its rate_limit dropped."""
+    return f"limited_{service}"
+
+
+METER_SIZE = 65536   # sources x services one meter remembers at once
+_MATCH = {4: "ip saddr . ip daddr . meta l4proto . th dport",
+          6: "ip6 saddr . ip6 daddr . meta l4proto . th dport"}
+_HOME = {4: "ip daddr . meta l4proto . th dport", 6: "ip6 daddr . meta l4proto . th dport"}
+SYN = "tcp flags & (syn | rst) == syn"   # SYN and SYN-ACK: the MSS each side announces
+
+
+def _limit_name(family: Family, rl: RateLimit) -> str:
+    return f"{rl.rate}_{rl.unit}_{rl.burst}_{family}"
 
 
 def _ports(span: tuple[int, int]) -> str:
@@ -220,6 +262,7 @@ _CHAINS = (  # name, type, hook, priority, in this order in the table
     ("input", "filter", "input", MANGLE_AFTER),
     ("output", "route", "output", MANGLE_AFTER),
     ("postrouting", "filter", "postrouting", MANGLE_AFTER),
+    ("mss", "filter", "forward", MANGLE_AFTER),
     ("dstnat", "nat", "prerouting", DSTNAT),
     ("forward", "filter", "forward", FILTER),
 )
@@ -255,6 +298,7 @@ def nft_table(intent: FirewallIntent) -> NftTable:
 
     # One chain serves both families: every accept comes before every drop, so a family-neutral
     # drop (`iifname tun0 oifname eth0 drop`) never shadows the other family's accepts.
+    limits: list[str] = []
     accepts: list[str] = []
     drops: list[str] = []
     for gw in intent.gateways:
@@ -262,7 +306,7 @@ def nft_table(intent: FirewallIntent) -> NftTable:
         addr = _ADDR_TYPE[f]
         dnat = NftSet(f"dnat{f}", (addr, "inet_proto", "inet_service"), (addr,))
         dnat_port = NftSet(f"dnat{f}_port", (addr, "inet_proto", "inet_service"), (addr, "inet_service"))
-        allow = NftSet(f"gw_allow{f}", (addr, "inet_proto", "inet_service"))
+        allow = NftSet(f"gw_allow{f}", (addr, addr, "inet_proto", "inet_service"))
         for e in gw.exposed:
             for public in gw.publics:
                 key = _endpoint_key(public, e, public=True)
@@ -272,7 +316,24 @@ def nft_table(intent: FirewallIntent) -> NftTable:
                     b.element(dnat_port, NftElement(key, f"{e.address} . {e.to_port}", e.name))
             if e.tagged:
                 counted[f].append((_endpoint_key(e.address, e, public=False), e))
-            b.element(allow, NftElement(_endpoint_key(e.address, e, public=False), label=e.name))
+            _allow_elements(b, allow, e)
+            if e.rate_limit is not None:
+                cls = _limit_name(f, e.rate_limit)
+                _allow_elements(b, NftSet(f"limit_{cls}", allow.key), e)
+                b.element(_policy_map(f, "limited"), NftElement(
+                    _endpoint_key(e.address, e, public=False), f'"{limited_counter(e.name)}"', e.name))
+                b.counters.setdefault(limited_counter(e.name), None)
+            if e.restricted:
+                _dropped_element(b, f, e)
+        for rl in sorted({e.rate_limit for e in gw.exposed if e.rate_limit is not None}):
+            cls = _limit_name(f, rl)
+            b.sets.setdefault(f"meter_{cls}", NftSet(
+                f"meter_{cls}", allow.key, flags=("dynamic", "timeout"), timeout=rl.refill_seconds,
+                size=METER_SIZE))
+            limits.append(
+                f'ct state new iifname "{pub}" {_MATCH[f]} @limit_{cls} update @meter_{cls} '
+                f"{{ {_MATCH[f]} limit rate over {rl.rate}/{rl.unit} burst {rl.burst} packets }} "
+                f"counter name {_HOME[f]} map @svc_limited{f} drop")
         if dnat.name in b.sets:
             b.rule("dstnat", f'iifname "{pub}" dnat {ip} to {ip} daddr . meta l4proto . th dport '
                              f"map @{dnat.name}")
@@ -280,7 +341,9 @@ def nft_table(intent: FirewallIntent) -> NftTable:
             b.rule("dstnat", f'iifname "{pub}" meta l4proto {{ tcp, udp }} '
                              f"dnat {ip} to {ip} daddr . meta l4proto . th dport map @{dnat_port.name}")
         if allow.name in b.sets:
-            accepts.append(f'iifname "{pub}" {ip} daddr . meta l4proto . th dport @{allow.name} accept')
+            accepts.append(f'iifname "{pub}" {_MATCH[f]} @{allow.name} accept')
+        if any(e.restricted for e in gw.exposed):
+            drops.append(f'iifname "{pub}" counter name {_HOME[f]} map @svc_dropped{f} drop')
         home = NftSet(f"gw_home{f}", (addr,))
         for net in gw.home_networks:
             b.element(home, NftElement(net, label="home"))
@@ -297,17 +360,30 @@ def nft_table(intent: FirewallIntent) -> NftTable:
         only = "" if fams == {4, 6} else f"meta nfproto {_NFPROTO[min(fams)]} "
         accepts.append(f'{only}iifname "{i}" oifname "{o}" accept')
     for a in intent.admissions:
-        f, ip, addr = a.family, _IP[a.family], _ADDR_TYPE[a.family]
-        admit = NftSet(f"admit{f}", (addr, "inet_proto", "inet_service"))
+        f, addr = a.family, _ADDR_TYPE[a.family]
+        admit = NftSet(f"admit{f}", (addr, addr, "inet_proto", "inet_service"))
         for e in a.exposed:
             key = _endpoint_key(e.address, e, public=False)
-            b.element(admit, NftElement(key, label=e.name))
+            _allow_elements(b, admit, e)
             if not intent.gateways:
                 counted[f].append((key, e))
+            if e.restricted:
+                _dropped_element(b, f, e)
         if admit.name in b.sets:
-            accepts.append(f'iifname "{a.tunnel}" oifname "{a.lan}" {ip} daddr . meta l4proto . th dport '
-                           f"@{admit.name} accept")
+            accepts.append(f'iifname "{a.tunnel}" oifname "{a.lan}" {_MATCH[f]} @{admit.name} accept')
+        if any(e.restricted for e in a.exposed):
+            drops.append(f'iifname "{a.tunnel}" oifname "{a.lan}" counter name {_HOME[f]} '
+                         f"map @svc_dropped{f} drop")
         drops.append(f'iifname "{a.tunnel}" oifname "{a.lan}" drop')
+
+    clamp_families: dict[tuple[str, int | None], set[Family]] = {}
+    for m in intent.mss_clamps:
+        clamp_families.setdefault((m.interface, m.mss), set()).add(m.family)
+    for (interface, mss), fams in clamp_families.items():
+        only = "" if fams == {4, 6} else f"meta nfproto {_NFPROTO[min(fams)]} "
+        value = "rt mtu" if mss is None else str(mss)
+        for side in ("oifname", "iifname"):
+            b.rule("mss", f'{only}{side} "{interface}" {SYN} tcp option maxseg size set {value}')
 
     # Counted first, so every forwarded packet of a service's connections counts, both ways, by
     # its home endpoint (after the gateway's DNAT, before the reverse NAT of replies).
@@ -324,15 +400,33 @@ def nft_table(intent: FirewallIntent) -> NftTable:
         b.rule("forward", f"counter name {ip} saddr . meta l4proto . th sport map @{cmap.name}")
     if intent.gateways or intent.admissions:
         b.rule("forward", "ct state established,related accept")
-    for text in (*accepts, *drops):
+    for text in (*limits, *accepts, *drops):
         b.rule("forward", text)
 
     chains = tuple(
         NftChain(name, typ, hook, prio, tuple(NftRule(t) for t in b.chain_rules[name]))
         for name, typ, hook, prio in _CHAINS if b.chain_rules.get(name))
     sets = tuple(
-        NftSet(s.name, s.key, s.value, s.flags, tuple(b.elements[s.name])) for s in b.sets.values())
+        NftSet(s.name, s.key, s.value, s.flags, tuple(b.elements.get(s.name, {})), s.timeout, s.size)
+        for s in b.sets.values())
     return NftTable(counters=tuple(b.counters), sets=sets, chains=chains)
+
+
+def _allow_elements(b: _Builder, spec: NftSet, e: Exposed) -> None:
+    home = _endpoint_key(e.address, e, public=False)
+    for source in e.sources:
+        b.element(spec, NftElement(f"{source} . {home}", label=e.name))
+
+
+def _policy_map(family: Family, kind: str) -> NftSet:
+    addr = _ADDR_TYPE[family]
+    return NftSet(f"svc_{kind}{family}", (addr, "inet_proto", "inet_service"), ("counter",))
+
+
+def _dropped_element(b: _Builder, family: Family, e: Exposed) -> None:
+    b.element(_policy_map(family, "dropped"), NftElement(
+        _endpoint_key(e.address, e, public=False), f'"{dropped_counter(e.name)}"', e.name))
+    b.counters.setdefault(dropped_counter(e.name), None)
 
 
 @dataclass

@@ -152,11 +152,36 @@ class OwnedChain:
 # TAGROUTED-* chains (iptables-legacy backend), core/nft_rules.py as the `inet tagrouted` table.
 
 PortSpan = tuple[int, int]  # an inclusive port range; one port is (p, p)
+RATE_UNITS = {"s": "second", "min": "minute"}  # as the config writes them -> nft's and our word
+UNIT_SECONDS = {"second": 1, "minute": 60}
+
+
+@dataclass(frozen=True, order=True)
+class RateLimit:
+    """New connections (UDP: new flows) per source address: `rate` per `unit`, up to `burst` at
+    once; what is beyond is dropped and counted. Established connections are never cut."""
+
+    rate: int
+    unit: str                  # second | minute
+    burst: int
+
+    def __str__(self) -> str:
+        short = "s" if self.unit == "second" else "min"
+        return f"{self.rate}/{short} burst {self.burst}"
+
+    @property
+    def refill_seconds(self) -> int:
+        """How long an idle source takes to get its whole burst back: after that long its
+        bucket is full anyway, so forgetting it then changes nothing (a meter's timeout)."""
+        return max(1, -(-self.burst * UNIT_SECONDS[self.unit] // self.rate))
 
 
 @dataclass(frozen=True)
 class Exposed:
-    """A service (tagged) or a gateway forward (untagged), in its one family."""
+    """A service (tagged) or a gateway forward (untagged), in its one family.
+
+    `allow_from`: the source prefixes admitted (normalised: no overlaps), empty for everyone;
+    `rate_limit`: new connections per source, None for no limit."""
 
     name: str
     family: Family
@@ -165,6 +190,17 @@ class Exposed:
     address: str               # the home address
     to_port: int | None        # the home port when it differs from the public one
     tagged: bool = True
+    allow_from: tuple[str, ...] = ()
+    rate_limit: RateLimit | None = None
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The prefixes the firewall admits: allow_from, or the whole family."""
+        return self.allow_from or (("0.0.0.0/0",) if self.family == 4 else ("::/0",))
+
+    @property
+    def restricted(self) -> bool:
+        return bool(self.allow_from)
 
     @property
     def home_port(self) -> PortSpan:
@@ -231,6 +267,20 @@ class ReplyTagging:
     path: str = ""  # the path's name: its counters (none when empty)
 
 
+@dataclass(frozen=True, order=True)
+class MssClamp:
+    """TCP SYNs (and SYN-ACKs) forwarded into or out of `interface` get their MSS lowered to
+    what the path fits: `mss` None clamps to the route's MTU (both the way on and the way back
+    to the sender), a number sets at most that. Never raised."""
+
+    family: Family
+    interface: str
+    mss: int | None = None
+
+    def describe(self) -> str:
+        return "to the path MTU" if self.mss is None else f"to {self.mss}"
+
+
 @dataclass(frozen=True)
 class FirewallIntent:
     """Everything our firewall rules do on one host. Empty means: own no firewall state."""
@@ -241,26 +291,32 @@ class FirewallIntent:
     tunnel_tags: tuple[TunnelTagging, ...] = ()
     admissions: tuple[TunnelAdmission, ...] = ()
     reply_tags: tuple[ReplyTagging, ...] = ()
+    mss_clamps: tuple[MssClamp, ...] = ()
 
     @property
     def empty(self) -> bool:
         return not (self.gateways or self.passages or self.tunnel_tags or self.admissions
-                    or self.reply_tags)
+                    or self.reply_tags or self.mss_clamps)
 
     def families(self) -> tuple[Family, ...]:
         found = {x.family for group in (self.gateways, self.passages, self.tunnel_tags,
-                                        self.admissions, self.reply_tags) for x in group}
+                                        self.admissions, self.reply_tags, self.mss_clamps)
+                 for x in group}
         return tuple(sorted(found))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
 class ConntrackFlush:
-    """Stale UDP conntrack to delete once a DNAT for this public endpoint is (re)written."""
+    """Stale UDP conntrack to delete once a DNAT for this public endpoint is (re)written.
+    An entry already NATed to `to_address` (and `to_port`, else the port asked for) is the DNAT
+    at work, not stale: deleting it cut a live tunnel (the VPN forward) on every reload."""
 
     family: Family
     address: str
     first_port: int
     last_port: int
+    to_address: str | None = None  # None: every entry of the endpoint is stale
+    to_port: int | None = None
 
 
 @dataclass(frozen=True)

@@ -245,6 +245,9 @@ def format_status(status: dict[str, Any]) -> str:
         for s in services:
             counters = ("-" if s.get("packets") is None
                         else f"{s['packets']} packets, {s['bytes']} bytes")
+            policy = [f"{s[k]} {k}" for k in ("dropped", "limited") if s.get(k) is not None]
+            if policy:
+                counters += f" ({', '.join(policy)})"
             lines.append(f"  {s.get('name', ''):<{width}}  {s.get('proto', '')}/{s.get('port', '')}"
                          f" -> {s.get('address', '')}  {counters}")
     paths = status.get("paths") or []
@@ -263,6 +266,14 @@ def format_status(status: dict[str, Any]) -> str:
             mark = hex(mark) if isinstance(mark, int) else mark
             tag = f"dscp {p.get('dscp')} mark {mark} table {p.get('table')}"
             lines.append(f"  {p.get('name', ''):<{width}}  {tag}  {way}  {counts}")
+    forwards = status.get("forwards") or []
+    if forwards:
+        lines.append("forwards:")
+        width = max(len(s.get("name", "")) for s in forwards)
+        for s in forwards:
+            policy = [f"{s[k]} {k}" for k in ("dropped", "limited") if s.get(k) is not None]
+            lines.append(f"  {s.get('name', ''):<{width}}  {s.get('proto', '')}/{s.get('port', '')}"
+                         f" -> {s.get('address', '')}  {', '.join(policy) or '-'}")
     return "\n".join(lines)
 
 

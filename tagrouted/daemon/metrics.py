@@ -96,6 +96,16 @@ def families(status: Mapping[str, Any]) -> list[Metric]:
             packets.add_metric([str(svc.get("name", ""))], svc["packets"])
             octets.add_metric([str(svc.get("name", ""))], svc.get("bytes") or 0)
     out += [packets, octets]
+    dropped = CounterMetricFamily("tagrouted_service_dropped_packets", "Packets of sources outside "
+                                  "the service's allow_from, dropped here.", labels=["service"])
+    limited = CounterMetricFamily("tagrouted_service_limited_packets", "Packets of new connections "
+                                  "beyond the service's rate_limit per source, dropped here.",
+                                  labels=["service"])
+    for entry in [*(status.get("services") or []), *(status.get("forwards") or [])]:
+        for family, key in ((dropped, "dropped"), (limited, "limited")):
+            if entry.get(key) is not None:  # only services with that policy on this host
+                family.add_metric([str(entry.get("name", ""))], entry[key])
+    out += [dropped, limited]
     out += _path_families(status.get("paths") or [])
     repairs = CounterMetricFamily("tagrouted_repairs", "Changes made to put back what someone else "
                                   "changed (drift) or what lost netlink events hid (resync), by "

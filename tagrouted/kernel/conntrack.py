@@ -3,6 +3,9 @@
 Owns nothing persistent: it deletes, on request, the entries whose ORIGINAL direction is UDP
 to one address and a port range, so that a client that was already sending before our DNAT
 existed gets a fresh entry the DNAT applies to (kube-proxy does the same for its UDP services).
+An entry whose reply comes from the DNAT's target already goes where it should: it is kept
+(deleting it cut the OpenVPN forward's live session on every reload: the server's next packet
+to the client left un-NATed and was lost; seen as a failed request right after a reload).
 Never touches TCP, other addresses, other ports, or the reply direction. When to flush is
 decided by converge.py.
 
@@ -66,6 +69,7 @@ def delete_udp_entries(flush: ConntrackFlush) -> int:
 
 
 def _matches(entry: ConntrackEntry, af: int, address: str, flush: ConntrackFlush) -> bool:
+    """UDP to the endpoint, and not already NATed to where the DNAT sends it now."""
     orig = entry.tuple_orig
     return (
         orig.family == af
@@ -74,4 +78,14 @@ def _matches(entry: ConntrackEntry, af: int, address: str, flush: ConntrackFlush
         and str(ipaddress.ip_address(orig.daddr)) == address
         and orig.dport is not None
         and flush.first_port <= orig.dport <= flush.last_port
+        and not _natted_to_target(entry, flush)
     )
+
+
+def _natted_to_target(entry: ConntrackEntry, flush: ConntrackFlush) -> bool:
+    reply = entry.tuple_reply
+    if flush.to_address is None or reply is None or reply.saddr is None:
+        return False
+    port = flush.to_port if flush.to_port is not None else entry.tuple_orig.dport
+    return (ipaddress.ip_address(reply.saddr) == ipaddress.ip_address(flush.to_address)
+            and reply.sport == port)

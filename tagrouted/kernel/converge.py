@@ -30,12 +30,13 @@ Threading: one Converger per process, used from one thread (the reconcile worker
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..core.config import RESERVED_TABLES, Config, Tag, TagPath
+from ..core.config import RESERVED_TABLES, Config, Service, Tag, TagPath
 from ..core.desired import desired_state, empty_state, forwarded_families
 from ..core.hostfw import Conflict
 from ..core.plan import route_key, route_line, rule_line, sysctl_line
@@ -50,8 +51,8 @@ from ..core.state import (
 )
 from . import conntrack
 from .firewall import BACKENDS, NFTABLES, BackendUnavailable, FirewallBackend, choose, open_backend
-from .hostfw import HostContext, HostFirewall
-from .netlink import NetlinkAdapter
+from .hostfw import HostFirewall
+from .netlink import NetlinkAdapter, NetlinkTransient
 from .rundir import RunDir, RunDirError
 from .sysctl import SavedSysctls, read_sysctl, write_sysctl
 
@@ -60,16 +61,41 @@ SYSCTLS = "sysctls"    # /proc/sys values: links bring them, nothing announces a
 FIREWALL = "firewall"  # our firewall state: only config changes or tampering change them
 HOSTFW = "hostfw"      # the host's own firewall: our accepts in its FORWARD chains, its conflicts
 ALL_PARTS = frozenset({ROUTING, SYSCTLS, FIREWALL, HOSTFW})
+LINK_RACE_ERRNOS = frozenset({errno.ENODEV, errno.ENETDOWN})  # a route's link gone or down mid-pass
+
+
+class ChangeLog(list[Change]):
+    """The changes of one pass, handed to `on_change` the moment a step adds them (append,
+    extend, +=): a record follows its kernel write by microseconds, not by the rest of the pass
+    (the other tables, a conntrack flush), so whoever sees the repair finds its record."""
+
+    def __init__(self, on_change: Callable[[Change], None] | None = None) -> None:
+        super().__init__()
+        self.on_change = on_change
+
+    def append(self, change: Change) -> None:
+        super().append(change)
+        if self.on_change is not None:
+            self.on_change(change)
+
+    def extend(self, changes: Iterable[Change]) -> None:
+        for change in changes:
+            self.append(change)
+
+    def __iadd__(self, changes: Iterable[Change]) -> ChangeLog:  # type: ignore[override,misc]
+        self.extend(changes)
+        return self
 
 
 @dataclass
 class ConvergeResult:
     desired: DesiredState
     facts: HostFacts
-    changes: list[Change] = field(default_factory=list)
+    changes: list[Change] = field(default_factory=ChangeLog)
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     backend: str | None = None  # the firewall backend this pass used
+    teardown: bool = False  # converge(None): nothing is wanted, nothing will come back
     # the host firewall's conflicts with our traffic, as judged this pass (None: not judged)
     conflicts: tuple[Conflict, ...] | None = None
 
@@ -95,6 +121,7 @@ class Converger:
         # desired_state is pure: the same config object and equal facts give the same state,
         # and compiling 1000 services costs ~25 ms of every periodic pass (bench_scale)
         self._last_compiled: tuple[Config, HostFacts, DesiredState] | None = None
+        self._last_view: tuple[Config, Config] | None = None  # config -> its routing view
 
     def close(self) -> None:
         self.netlink.close()
@@ -117,7 +144,21 @@ class Converger:
         self.close()
 
     # ---- the entry point -----------------------------------------------------------------
-    def desired(self, config: Config | None, tag: Tag) -> tuple[DesiredState, HostFacts]:
+    def desired(self, config: Config | None, tag: Tag, firewall_only: bool = False,
+                routing_only: bool = False) -> tuple[DesiredState, HostFacts]:
+        """The desired state and the facts it was compiled from (issue 15: each lane compiles
+        only what it uses; test_lanes checks both invariants on every example).
+        `firewall_only`: the chains never depend on the facts (they name interfaces, not
+        indexes), so the last compile of this config is reused: a firewall pass after every
+        tunnel flap recompiled 1000 services (3.3 ms) for nothing.
+        `routing_only`: routes, rules and sysctls depend on the services only through their
+        address families, so one service per family compiles them; a tunnel flap at 1000
+        services made 7000 firewall rule objects, and their collection (11-22 ms) stalled it."""
+        last = self._last_compiled
+        if firewall_only and config is not None and last is not None and last[0] is config:
+            return last[2], last[1]
+        if routing_only and config is not None:
+            config = self._routing_view(config)
         facts = self.netlink.host_facts(ipv6_defaults=config is not None and 6 in forwarded_families(config))
         if config is None:
             return empty_state(tag), facts
@@ -128,10 +169,18 @@ class Converger:
         self._last_compiled = (config, facts, desired)
         return desired, facts
 
+    def _routing_view(self, config: Config) -> Config:
+        view = self._last_view
+        if view is None or view[0] is not config:
+            view = (config, routing_view(config))
+            self._last_view = view
+        return view[1]
+
     def converge(self, config: Config | None, tag: Tag | None = None, *,
                  dry_run: bool = False, parts: frozenset[str] = ALL_PARTS,
                  sweep_other_backend: bool | None = None,
-                 paths: tuple[TagPath, ...] | None = None) -> ConvergeResult:
+                 paths: tuple[TagPath, ...] | None = None,
+                 on_change: Callable[[ConvergeResult, Change], None] | None = None) -> ConvergeResult:
         """Make the kernel hold exactly what `config` wants here (nothing, when None: then both
         backends' state goes; `paths` (or `tag`) then names the brands to sweep besides the
         recorded ones).
@@ -139,11 +188,17 @@ class Converger:
         `parts` narrows the work to ROUTING, SYSCTLS and/or FIREWALL: a link event cannot change
         what our firewall should hold (it names interfaces, not indexes), so it needs no
         firewall pass; a timer pass need not re-dump the rules and routes netlink reports
-        changes of. `sweep_other_backend` (default: on full passes) removes what the backend not
-        in use holds, after ours is in place."""
+        changes of. `sweep_other_backend` (default: on passes of every part; the daemon's
+        firewall lane asks for it on its start, reload and retry passes) removes what the backend
+        not in use holds, after ours is in place. `on_change(result, change)` is called as each
+        change is made (see ChangeLog)."""
         tag = tag or (config.tag if config else Tag())
-        desired, facts = self.desired(config, tag)
-        result = ConvergeResult(desired, facts, notes=list(desired.notes))
+        firewalls = {FIREWALL, HOSTFW}  # both need the whole firewall intent
+        desired, facts = self.desired(config, tag, firewall_only=parts <= firewalls,
+                                      routing_only=not parts & firewalls)
+        result = ConvergeResult(desired, facts, notes=list(desired.notes), teardown=config is None)
+        if on_change is not None:
+            result.changes = ChangeLog(lambda change: on_change(result, change))
         if config is not None:
             result.backend = choose(config.firewall.backend).backend
         if sweep_other_backend is None:
@@ -242,6 +297,12 @@ class Converger:
                 if not dry_run:
                     self.netlink.add_route(route)
                 result.changes.append(_change("added", "route", route.describe(), route.family))
+            except NetlinkTransient as e:
+                if e.errno in LINK_RACE_ERRNOS and route.dev and not self._link_up(route.dev):
+                    # The link went (or went down) since this pass read the facts: the route is
+                    # no longer wanted, and the link's own event brings the next pass.
+                    continue
+                errors.append(f"{route_line(route)}: {e}")
             except Exception as e:
                 errors.append(f"{route_line(route)}: {e}")
         for route in sorted(kernel - desired, key=route_key):
@@ -254,6 +315,10 @@ class Converger:
         if errors:
             raise RuntimeError("; ".join(errors))
 
+    def _link_up(self, name: str) -> bool:
+        link = self.netlink.host_facts().link(name)
+        return link is not None and link.up
+
     def _sysctls(self, result: ConvergeResult, dry_run: bool) -> None:
         wanted = {s.key: s.value for s in result.desired.sysctls}
         for key, value in wanted.items():
@@ -264,11 +329,15 @@ class Converger:
                 self.saved.remember(key, current)
                 write_sysctl(key, value)
             result.changes.append(Change("set", "sysctl", f"set sysctl {key}={value} (was {current})"))
-        # What we changed and no longer want goes back to the value we found.
+        # What we changed and no longer want goes back to the value we found. A value that is
+        # gone with its link (tun0 deleted) stays recorded: the link's return finds it there, and
+        # an OpenVPN restart costs no rewrite (flock, fsync) of the file on the tunnel's way up.
         for key, original in sorted(self.saved.originals().items()):
             if key in wanted:
                 continue
             current = read_sysctl(key)
+            if current is None and not result.teardown:
+                continue
             if current is not None and current != original:
                 if not dry_run:
                     write_sysctl(key, original)
@@ -290,8 +359,8 @@ class Converger:
         intent = result.desired.firewall
         mode = config.firewall.host_firewall if config else "integrate"
         backend = result.backend or NFTABLES
-        synced = self.hostfw.sync(intent, mode=mode, backend=backend, context=host_context(config),
-                                  dry_run=dry_run, judge_it=config is not None)
+        synced = self.hostfw.sync(intent, mode=mode, backend=backend, dry_run=dry_run,
+                                  judge_it=config is not None)
         result.changes += synced.changes
         if config is not None:
             result.conflicts = synced.conflicts
@@ -337,6 +406,14 @@ class Converger:
                 last = "" if ep.first_port == ep.last_port else f"-{ep.last_port}"
                 result.notes.append(
                     f"deleted {n} stale conntrack entries for udp {ep.address} port {ep.first_port}{last}")
+
+
+def routing_view(config: Config) -> Config:
+    """`config` with one service per address family: what the routes, rules and sysctls see."""
+    firsts: dict[int, Service] = {}
+    for svc in config.services:
+        firsts.setdefault(svc.family, svc)
+    return replace(config, services=tuple(firsts.values()))
 
 
 def _change(action: str, obj: str, what: str, family: int) -> Change:
@@ -450,16 +527,6 @@ class RoutingRecord:
         self.run_dir.write(RECORD_FILE, (json.dumps(data, sort_keys=True) + "\n").encode())
 
 
-def host_context(config: Config | None) -> HostContext:
-    """The tunnels whose effective rp_filter matters and the families the roles forward."""
-    if config is None:
-        return HostContext()
-    tunnels: tuple[str, ...] = ()
-    if config.has("vpn-client"):
-        tunnels = tuple(t for p in config.tag_paths() if (t := p.tunnel_interface))
-    return HostContext(tunnels, tuple(sorted(forwarded_families(config))))
-
-
 def _fam(family: int) -> str:
     return "IPv4" if family == 4 else "IPv6"
 
@@ -495,5 +562,5 @@ def drift_lines(converger: Converger, config: Config) -> list[str]:
             if converger.backend(name).holds_state():
                 lines.append(f"-{name}: state of the backend not in use (removed by the next apply)")
     lines += converger.hostfw.drift_lines(desired.firewall, mode=config.firewall.host_firewall,
-                                          backend=chosen, context=host_context(config))
+                                          backend=chosen)
     return lines

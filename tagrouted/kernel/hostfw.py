@@ -52,7 +52,6 @@ from ..core.hostfw import (
     with_integration,
 )
 from ..core.state import Change, Family, FirewallIntent, FirewallRule
-from .sysctl import read_sysctl
 
 log = logging.getLogger("tagrouted.hostfw")
 
@@ -96,15 +95,6 @@ class HostfwResult:
     conflicts: tuple[Conflict, ...] = ()
     places: list[HostfwPlace] = field(default_factory=list)
     picture: Picture | None = None
-
-
-@dataclass(frozen=True)
-class HostContext:
-    """What the judgement needs beyond the firewall intent: the tunnels whose rp_filter matters
-    and the families the roles forward."""
-
-    rp_filter_tunnels: tuple[str, ...] = ()
-    forwarding: tuple[Family, ...] = ()
 
 
 class HostFirewall:
@@ -193,8 +183,7 @@ class HostFirewall:
         return res.stdout
 
     # ---- keeping our accepts ---------------------------------------------------------------
-    def sync(self, intent: FirewallIntent, *, mode: str, backend: str,
-             context: HostContext = HostContext(), dry_run: bool = False,
+    def sync(self, intent: FirewallIntent, *, mode: str, backend: str, dry_run: bool = False,
              judge_it: bool = True, assume_integrated: bool | None = None) -> HostfwResult:
         """Keep our accepts where they belong (mode integrate; report writes nothing, and an empty
         intent removes them all), then judge the host's ruleset against our traffic. A dry run
@@ -222,20 +211,11 @@ class HostFirewall:
             ruleset = picture.ruleset
             if wrote and dry_run and (dry_run if assume_integrated is None else assume_integrated):
                 ruleset = with_integration(ruleset, places)  # judged as the pass would leave it
-            values: dict[str, str] = {}
-            if not dry_run:  # a dry run's sysctl step changed nothing: its lines say what it would
-                keys = [k for tun in context.rp_filter_tunnels
-                        for k in ("net.ipv4.conf.all.rp_filter", f"net.ipv4.conf.{tun}.rp_filter")]
-                for key in (*keys, "net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"):
-                    value = read_sysctl(key)
-                    if value is not None:
-                        values[key] = value
-            key = (ruleset, intent, backend, tuple(sorted(values.items())), context)
+            key = (ruleset, intent, backend)
             if self._judged is None or self._judged[0] != key:
                 # ~0.3 s for 1000 services against a firewalld-sized ruleset: a pass that finds
                 # the same ruleset (the legacy timer's) reuses the last answer
-                self._judged = (key, judge(ruleset, intent, backend, values,
-                                           context.rp_filter_tunnels, context.forwarding))
+                self._judged = (key, judge(ruleset, intent, backend))
             result.conflicts = self._judged[1]
         result.picture = picture
         return result
@@ -291,11 +271,10 @@ class HostFirewall:
         return sync_accept_chain(family, HOSTFW_CHAIN, rules, parent, jump_rule(),  # type: ignore[arg-type]
                                  dry_run=dry_run)
 
-    def drift_lines(self, intent: FirewallIntent, *, mode: str, backend: str,
-                    context: HostContext = HostContext()) -> list[str]:
+    def drift_lines(self, intent: FirewallIntent, *, mode: str, backend: str) -> list[str]:
         """`tagroutectl diff`: what the integration would change (+/-), then each conflict
         (`blocked:` for those that surely stop our traffic, `# may block:` for the others)."""
-        result = self.sync(intent, mode=mode, backend=backend, context=context, dry_run=True)
+        result = self.sync(intent, mode=mode, backend=backend, dry_run=True)
         lines = [f"+host firewall: {c.message}" if c.action != "removed" else f"-host firewall: {c.message}"
                  for c in result.changes]
         lines += [f"-host firewall: {e}" for e in result.errors]

@@ -113,13 +113,13 @@ class Daemon:
     time and RSS are read from /proc/PID)."""
 
     def __init__(self, ns: Netns, config: Path, run_dir: Path, log: Path,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, command: list[str] | None = None) -> None:
         self.ns, self.config, self.run_dir, self.log = ns, config, run_dir, log
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         full_env = {**os.environ, "TAGROUTED_LOG_JSON": "1", "PYTHONDONTWRITEBYTECODE": "1",
                     **(env or {})}
         self._log_file = open(log, "ab")  # noqa: SIM115 - lives as long as the daemon
-        self.proc = ns.popen([*TAGROUTED, "--config", str(config), "--run-dir", str(run_dir)],
+        self.proc = ns.popen([*(command or TAGROUTED), "--config", str(config), "--run-dir", str(run_dir)],
                              stdout=subprocess.DEVNULL, stderr=self._log_file, env=full_env)
         self.pid = self.proc.pid
 
@@ -392,6 +392,33 @@ class Rtnl:
 
     def rule_added(self, timeout: float) -> bool:
         return self.wait_event(lambda d: any(_is_our_rule(m) for m in _messages(d, RTM_NEWRULE)), timeout)
+
+
+class Tun:
+    """A tun device held open the way OpenVPN holds it: it exists while the descriptor is open
+    (no `ip tuntap` process between the clock and the kernel). Created in the caller's network
+    namespace (a Netns.call child)."""
+
+    TUNSETIFF = 0x400454CA
+    IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
+
+    def __init__(self, name: str = "tun0") -> None:
+        import fcntl
+
+        self.name = name
+        self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            ifr = struct.pack("16sH22x", name.encode(), self.IFF_TUN | self.IFF_NO_PI)
+            fcntl.ioctl(self.fd, self.TUNSETIFF, ifr)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def close(self) -> None:
+        """Deletes the device (RTM_DELLINK), as an exiting OpenVPN does."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _messages(data: bytes, mtype: int) -> Iterable[tuple[bytes, dict[int, int]]]:

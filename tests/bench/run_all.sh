@@ -37,7 +37,7 @@ run() {  # name, then its arguments (full run) ; quick arguments after --
 }
 
 echo "# tagrouted benchmarks ($(date -u '+%Y-%m-%d %H:%M UTC'), $(git rev-parse --short HEAD 2>/dev/null || echo 'no git'))"
-run bench_tunnel --flaps 200 -- --flaps 20
+run bench_tunnel --flaps 200 --restart-flaps 300 -- --flaps 20 --restart-flaps 20
 run bench_drift --trials 200 --iptables-trials 25 -- --trials 20 --iptables-trials 3
 run bench_scale --profile -- --quick --profile
 run bench_idle --idle 120 --flaps 2000 -- --idle 10 --flaps 200

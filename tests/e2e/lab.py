@@ -43,6 +43,14 @@ each tunnel (tunnel_replies); on the home ISP box, its packets leaving through t
 Tunnel: OpenVPN (TLS, tls-auth, `mode server`, client-config-dir with `iroute`, `route`/`push`)
 on udp 1194, or WireGuard through wireguard-go on the same port; the client dials
 192.0.2.200:1194 from behind the home MASQUERADE and the remote DNATs it to the VPN server.
+
+Options for the per-service policy tests, each off by default (today's lab): `extra_clients`
+more Internet client addresses (198.51.100.11.., 2001:db8:c::11..: a second source to allow or
+not, and addresses the service host has never seen, whose path MTU nobody has learned);
+`tunnel_mtu` on both tunnel ends, with `tunnel_clamps=False` turning off OpenVPN's own MSS
+clamping (`mssfix 0`; WireGuard has none); `pmtu_blackhole` makes the ISP drop ICMP
+"fragmentation needed" / "packet too big", as a broken path does. The service also answers plain
+TCP exchanges (BULK_PORTS: a length, that many bytes, as many back).
 """
 
 from __future__ import annotations
@@ -85,6 +93,12 @@ VPN_PORT = 1194
 TLS_PORT, UDP_PORT = 443, 7000          # configured in the example files
 METRICS_LISTEN = "127.0.0.1:9542"       # added to each host's copy of its example
 SPARE_TLS_PORT, SPARE_UDP_PORT = 8443, 7001   # the service listens here too; not configured
+BULK_PORTS = (9000, 9001, 9002)               # plain-TCP exchanges; configured by the tests that use them
+
+
+def client_address(family: int, i: int) -> str:
+    """The i-th extra Internet client address (i >= 1; see Lab(extra_clients=))."""
+    return f"198.51.100.{10 + i}" if family == 4 else f"2001:db8:c::{10 + i}"
 
 # multipath: server B, a VPS with WireGuard on its own public addresses
 PUBLIC_B4, PUBLIC_B6 = "198.18.0.200", "2001:db8:d::200"
@@ -172,7 +186,8 @@ class Lab:
                  manager: Manager = "tagrouted",
                  progress: Callable[[str], None] | None = None,
                  keep_dir: bool = bool(os.environ.get("TAGROUTED_LAB_KEEP")),
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, extra_clients: int = 0, tunnel_mtu: int | None = None,
+                 tunnel_clamps: bool = True, pmtu_blackhole: bool = False) -> None:
         assert variant in ("openvpn", "wireguard") and layout in ("seed", "combined", "multipath")
         assert manager in ("tagrouted", "apply", "recipe")
         # multipath: server A is the seed's OpenVPN pair, server B WireGuard; no recipe for it
@@ -183,6 +198,11 @@ class Lab:
         # the firewall backend every host's config names; None: the example files unchanged
         # (firewall.backend auto, which is nftables on a host whose iptables is iptables-nft)
         self.backend = backend
+        assert 0 <= extra_clients <= 200
+        self.extra_clients = extra_clients
+        self.tunnel_mtu = tunnel_mtu              # None: each tunnel's default MTU
+        self.tunnel_clamps = tunnel_clamps        # False: OpenVPN's mssfix off (WireGuard has none)
+        self.pmtu_blackhole = pmtu_blackhole      # the ISP drops ICMP fragmentation-needed
         self.progress = progress
         self.keep_dir = keep_dir
         self.namespaces: list[Netns] = []
@@ -306,6 +326,8 @@ class Lab:
         veth(isp, "r0", r, "eth0")
         veth(isp, "h0", h, "wan0")
         self._addr(c, "eth0", f"{CLIENT4}/24", f"{CLIENT6}/64")
+        for i in range(1, self.extra_clients + 1):
+            self._addr(c, "eth0", f"{client_address(4, i)}/24", f"{client_address(6, i)}/64")
         self._default(c, "198.51.100.1", "2001:db8:c::1")
         self._addr(isp, "c0", "198.51.100.1/24", "2001:db8:c::1/64")
         self._addr(isp, "r0", "192.0.2.1/24", "2001:db8:a::1/64")
@@ -317,6 +339,10 @@ class Lab:
             self._addr(isp, "v0", "198.18.0.1/24", "2001:db8:d::1/64")
             self._addr(vps, "eth0", f"{PUBLIC_B4}/24", f"{PUBLIC_B6}/64")
             self._default(vps, "198.18.0.1", "2001:db8:d::1")
+        if self.pmtu_blackhole:
+            # a PMTU black hole: the signal that a packet was too big never reaches its sender
+            isp.run("iptables-legacy -A FORWARD -p icmp --icmp-type fragmentation-needed -j DROP")
+            isp.run("ip6tables-legacy -A FORWARD -p ipv6-icmp --icmpv6-type packet-too-big -j DROP")
         # the remote public server (its forwarding is the gateway role's business)
         self._addr(r, "eth0", f"{PUBLIC4}/24", f"{PUBLIC6}/64")
         self._default(r, "192.0.2.1", "2001:db8:a::1")
@@ -413,16 +439,18 @@ class Lab:
     def _start_services(self) -> None:
         tcp = f"{TLS_PORT},{SPARE_TLS_PORT}"
         udp = f"{UDP_PORT},{SPARE_UDP_PORT}"
+        bulk = ",".join(map(str, BULK_PORTS))
         for name, ns in (("web", self.web), ("lanhost", self.lanhost)):
             ns.popen([sys.executable, str(PEER_ECHO), "serve", "--cert", self.pki["web.crt"],
-                      "--key", self.pki["web.key"], "--tcp", tcp, "--udp", udp],
+                      "--key", self.pki["web.key"], "--tcp", tcp, "--udp", udp, "--bulk", bulk],
                      stdout=self._logfile(f"{name}-peer-echo"), stderr=subprocess.STDOUT)
         for ns in (self.web, self.lanhost):
             # counters of what arrives (TCP SYNs, datagrams), in the raw table no role touches:
             # "not reachable" means nothing arrived, not merely that no answer came back
             for ipt in ("iptables-legacy", "ip6tables-legacy"):
                 for proto, port in (("tcp", TLS_PORT), ("tcp", SPARE_TLS_PORT),
-                                    ("udp", UDP_PORT), ("udp", SPARE_UDP_PORT)):
+                                    ("udp", UDP_PORT), ("udp", SPARE_UDP_PORT),
+                                    *(("tcp", p) for p in BULK_PORTS)):
                     syn = ["--syn"] if proto == "tcp" else []
                     ns.run([ipt, "-t", "raw", "-A", "PREROUTING", "-p", proto, "--dport", str(port),
                             *syn, "-m", "comment", "--comment", "lab-arrivals"])
@@ -460,6 +488,8 @@ class Lab:
                      "allowed-ips", "10.9.0.2/32,fd00:9::2/128,192.168.100.0/24,fd00:100::/64")
             s = self.vpnserver
             self._addr(s, "tun0", "10.9.0.1/24", "fd00:9::1/64")
+            if self.tunnel_mtu:
+                s.run(f"ip link set tun0 mtu {self.tunnel_mtu}")
             s.run("ip link set tun0 up")
             # the tunnel's own routes (what OpenVPN's `route` does); no tagrouted role adds them
             s.run("ip -4 route add 192.168.100.0/24 dev tun0")
@@ -535,6 +565,8 @@ class Lab:
                      # replies go to arbitrary Internet addresses: everything may enter the tunnel
                      "allowed-ips", "0.0.0.0/0,::/0")
             self._addr(self.vpnclient, "tun0", "10.9.0.2/24", "fd00:9::2/64")
+            if self.tunnel_mtu:
+                self.vpnclient.run(f"ip link set tun0 mtu {self.tunnel_mtu}")
             self.vpnclient.run("ip link set tun0 up")
             if wait:
                 wait_for(lambda: self._wg_handshake_done(self.vpn_client_proc), timeout=30,
@@ -593,7 +625,7 @@ dh none
 tls-auth {self.pki['ta.key']} 0
 keepalive 2 10
 disable-dco
-verb 3
+{self._openvpn_mtu()}verb 3
 """)
         return conf
 
@@ -615,9 +647,14 @@ remote-cert-tls server
 verify-x509-name server name
 explicit-exit-notify 1
 disable-dco
-verb 3
+{self._openvpn_mtu()}verb 3
 """)
         return conf
+
+    def _openvpn_mtu(self) -> str:
+        """The tunnel's MTU and OpenVPN's own MSS clamp (`mssfix 0`: off), when the lab sets them."""
+        lines = f"tun-mtu {self.tunnel_mtu}\n" if self.tunnel_mtu else ""
+        return lines + ("" if self.tunnel_clamps else "mssfix 0\n")
 
     def _wg_keys(self) -> None:
         d = self.tmp / "vpn"
@@ -748,13 +785,28 @@ verb 3
         return path.read_text(errors="replace").splitlines() if path.exists() else []
 
     # ---- requests from the Internet client ---------------------------------------------------
-    def request_tcp(self, address: str, port: int = TLS_PORT, timeout: float = 3.0) -> str | None:
+    def request_tcp(self, address: str, port: int = TLS_PORT, timeout: float = 3.0,
+                    source: str | None = None) -> str | None:
         """TLS from the Internet client; the peer address the service saw, or None."""
-        return self.client.call(peer_echo.ask_tcp, address, port, timeout, timeout=timeout + 20)
+        return self.client.call(peer_echo.ask_tcp, address, port, timeout, source, timeout=timeout + 20)
 
-    def request_udp(self, address: str, port: int = UDP_PORT, timeout: float = 3.0) -> str | None:
+    def request_udp(self, address: str, port: int = UDP_PORT, timeout: float = 3.0,
+                    source: str | None = None) -> str | None:
         """A datagram from the Internet client; the peer address the service saw, or None."""
-        return self.client.call(peer_echo.ask_udp, address, port, timeout, timeout=timeout + 20)
+        return self.client.call(peer_echo.ask_udp, address, port, timeout, source, timeout=timeout + 20)
+
+    def exchange(self, address: str, port: int, size: int, timeout: float = 10.0,
+                 source: str | None = None) -> str | None:
+        """`size` bytes each way over plain TCP from the Internet client (a BULK_PORTS service);
+        the peer address the service saw, or None if it did not complete within `timeout`."""
+        return self.client.call(peer_echo.exchange, address, port, size, timeout, source,
+                                timeout=timeout + 20)
+
+    def burst(self, address: str, port: int, count: int, timeout: float = 3.0,
+              source: str | None = None) -> tuple[str | None, list[str | None], str | None]:
+        """`count` quick connections at once while an earlier one stays open (peer_echo.burst)."""
+        return self.client.call(peer_echo.burst, address, port, count, timeout, source,
+                                timeout=3 * timeout + 30)
 
     def request_all(self, asks: list[tuple[str, str, int]], timeout: float = 3.0) -> list[str | None]:
         """(proto, address, port) requests from the Internet client all at once; what the service

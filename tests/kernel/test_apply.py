@@ -269,3 +269,41 @@ def test_a_changed_table_is_swept(netns: type[Netns], tmp_path: Path) -> None:
     assert ctl(ns, moved, tmp_path, "diff")[:2] == (0, "")
     assert ctl(ns, moved, tmp_path, "down")[0] == 0
     assert ns.out("ip -4 route show table 43").strip() == ""
+
+
+def _converge_with_facts_read_before_tun0_went(config_path: str, run_dir: str) -> tuple[list[str], list[str]]:
+    """(inside the namespace) The pass reads the facts while tun0 is up; tun0 goes before the
+    routes are written, as when OpenVPN exits mid-pass."""
+    import os
+    import subprocess
+
+    from tagrouted.core.config import load_config
+    from tagrouted.kernel.converge import ROUTING, Converger
+
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    converger = Converger(run_dir)
+    read_facts = converger.netlink.host_facts
+    calls = 0
+
+    def facts_then_tun0_goes():  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        facts = read_facts()
+        if calls == 1:
+            subprocess.run(["ip", "link", "del", "tun0"], check=True)
+        return facts
+
+    converger.netlink.host_facts = facts_then_tun0_goes  # type: ignore[method-assign]
+    result = converger.converge(load_config(config_path), parts=frozenset({ROUTING}))
+    converger.close()
+    return [c.message for c in result.changes], list(result.errors)
+
+
+def test_a_link_gone_mid_pass_is_no_error(netns: type[Netns], tmp_path: Path) -> None:
+    """The route the stale facts wanted is no longer wanted: no error, no retry, no record."""
+    ns = host(netns, "gone", tun=True)
+    changes, errors = ns.call(_converge_with_facts_read_before_tun0_went,
+                              str(EXAMPLES / "vpn-client.yaml"), str(tmp_path / "run"))
+    assert errors == []
+    assert not any("dev tun0" in c for c in changes), changes
+    assert "unreachable default" in ns.out("ip -4 route show table 42")

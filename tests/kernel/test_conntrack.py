@@ -103,3 +103,24 @@ def test_nothing_tracked_deletes_nothing(netns: Callable[[str], Netns]) -> None:
     assert gw.call(delete_udp_entries, ConntrackFlush(4, "10.0.0.1", 5001, 5999)) == 0
     assert gw.call(delete_udp_entries, ConntrackFlush(6, "fd00:1::1", 5000, 5000)) == 0
     assert ("10.0.0.1", 5000) in flows(gw, 4)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_an_entry_already_natted_to_the_target_is_kept(netns: Callable[[str], Netns], family: int) -> None:
+    """A reload flushes every UDP endpoint again: a flow the DNAT already sends to its target
+    (the OpenVPN forward's live session) must survive it; only un-NATed ones go."""
+    gw, client = pair(netns, family)
+    ip1 = "10.0.0.1" if family == 4 else "fd00:1::1"
+    wrap = (lambda a: a) if family == 4 else (lambda a: f"[{a}]")
+    client.popen([sys.executable, "-c", SENDER, f"{wrap(ip1)}:5000"])
+    wait_for(lambda: (ip1, 5000) in flows(gw, family), what="the flow tracked")
+    iptables = "iptables-legacy" if family == 4 else "ip6tables-legacy"
+    gw.run(f"{iptables} -t nat -A PREROUTING -p udp --dport 5000 -j DNAT --to-destination {wrap(ip1)}:{NAT_PORT}")
+    flush = ConntrackFlush(family, ip1, 5000, 5000, to_address=ip1, to_port=NAT_PORT)  # type: ignore[arg-type]
+    assert gw.call(delete_udp_entries, flush) == 1  # un-NATed: stale
+    wait_for(lambda: flows(gw, family).get((ip1, 5000)) == NAT_PORT, what="the flow back through the NAT")
+    assert gw.call(delete_udp_entries, flush) == 0  # NATed to the target: the DNAT at work
+    assert flows(gw, family).get((ip1, 5000)) == NAT_PORT
+    # the same entry is stale for a DNAT that now sends that port elsewhere
+    moved = ConntrackFlush(family, ip1, 5000, 5000, to_address=ip1, to_port=NAT_PORT + 1)  # type: ignore[arg-type]
+    assert gw.call(delete_udp_entries, moved) == 1

@@ -250,6 +250,51 @@ def test_tunnel_down_gone_and_back_with_a_new_ifindex(host: Host) -> None:
     change_records_are_well_formed(d)
 
 
+# The legacy backend's xtables lock is the way to stall a firewall pass from outside (nftables
+# transactions take no lock another program can hold, and its timer passes read no firewall).
+@pytest.mark.parametrize("backend", ["iptables-legacy"])
+def test_tunnel_up_never_waits_behind_a_stuck_firewall_pass(host: Host, tmp_path: Path) -> None:
+    """Routing has a lane of its own (issue 15): while the firewall part cannot finish (another
+    program holds the xtables lock; the daemon waits up to 5 s, then fails and retries), tun0
+    going down and up is still routed at once: its record comes before any lock failure."""
+    import fcntl
+
+    lock_path = tmp_path / "xtables.lock"
+    d = host.daemon(env={"XTABLES_LOCKFILE": str(lock_path)})
+    d.wait_ready()
+
+    def daemon_waits_for_the_lock() -> bool:
+        fds = Path(f"/proc/{d.pid}/fd")
+        return any(os.readlink(fds / fd) == str(lock_path) for fd in os.listdir(fds)
+                   if (fds / fd).is_symlink())
+
+    def lock_failures() -> list[int]:
+        return [i for i, r in enumerate(d.all_records()) if "xtables.lock" in r.get("MESSAGE", "")
+                or str(lock_path) in r.get("MESSAGE", "")]
+
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        # the resync timer (300 ms) starts a firewall pass, which now waits for our lock
+        wait_for(daemon_waits_for_the_lock, what="the firewall part waiting for the xtables lock")
+        seen = len(d.all_records())
+        host.ns.run("ip link set tun0 down")
+        wait_for(lambda: "dev tun0" not in host.out("ip -4 route show table 42"), what="tun0's route gone")
+        host.ns.run("ip link set tun0 up")
+        wait_for(lambda: "default dev tun0" in host.out("ip -4 route show table 42"), what="tun0's route back")
+        records = d.all_records()
+        added = [i for i, r in enumerate(records) if i >= seen and r.get("TAGROUTED_OBJECT") == "route"
+                 and "default dev tun0 table 42" in r["MESSAGE"] and r["TAGROUTED_ACTION"] == "added"]
+        assert added, records[seen:]
+        assert records[added[0]]["TAGROUTED_REASON"] == "link"
+        failures = lock_failures()
+        assert not failures or failures[0] > added[0], [records[i]["MESSAGE"] for i in failures]
+    finally:
+        os.close(fd)  # releases the lock: the firewall part passes again
+    wait_for(lambda: d.status()["in_sync"], timeout=30, what="in sync once the lock is free")
+    assert host.in_place()
+
+
 # ---- drift: someone else changes what is ours ----------------------------------------------
 def test_drift_is_repaired_and_logged_as_a_warning(host: Host) -> None:
     d = host.daemon()

@@ -120,7 +120,7 @@ def _nft_tampers() -> list[Tamper]:
         Tamper("nft-foreign-rule-inside-our-chain",
                f"{NFT} insert rule {OUR_NFT} forward accept; {NFT} add rule {OUR_NFT} prerouting tcp dport 22 accept"),
         Tamper("nft-delete-element", f"{NFT} delete element {OUR_NFT} dnat4 '{{ 192.0.2.200 . tcp . 443 }}'"),
-        Tamper("nft-foreign-element", f"{NFT} add element {OUR_NFT} gw_allow4 '{{ 192.168.100.9 . tcp . 22 }}'"),
+        Tamper("nft-foreign-element", f"{NFT} add element {OUR_NFT} gw_allow4 '{{ 0.0.0.0/0 . 192.168.100.9 . tcp . 22 }}'"),
         Tamper("nft-flush-set", f"{NFT} flush set {OUR_NFT} admit6"),
         Tamper("nft-foreign-chain-in-our-table", f"{NFT} add chain {OUR_NFT} sneaky"),
     ]

@@ -273,7 +273,7 @@ def test_journal_has_one_record_per_change_with_fields(ct: Container) -> None:
         assert reload[0][:2] == ("replaced", "chain") and "TAGROUTED-FORWARD (filter, IPv4)" in reload[0][2]
     else:
         assert [r[:2] for r in reload] == [("added", "counter"), ("added", "element"), ("added", "element")], reload
-        assert any("admin 192.168.100.3 . tcp . 2222 to set admit4" in r[2] for r in reload), reload
+        assert any("admin 0.0.0.0/0 . 192.168.100.3 . tcp . 2222 to set admit4" in r[2] for r in reload), reload
 
 
 # GET a URL from inside the container (outside the unit's sandbox), as a local Prometheus would.

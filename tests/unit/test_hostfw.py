@@ -27,7 +27,6 @@ from tagrouted.core.hostfw import (
     parse_save_view,
     restore_batch,
     rule_comment,
-    sysctl_conflicts,
     with_integration,
 )
 from tagrouted.core.state import FirewallIntent
@@ -274,14 +273,6 @@ def test_mark_conflict_fix_is_an_exemption_in_their_table() -> None:
     c = fails(judge(out_chain(0, mangle(MARK, 1)), SERVICE, "nftables"))[0]
     assert c.kind == "mark" and c.table == "inet ks" and c.chain == "c"
     assert c.fix.startswith("nft insert rule inet ks c meta mark and 0xff == 0x2a accept")
-
-
-def test_sysctls() -> None:
-    assert sysctl_conflicts({"net.ipv4.conf.all.rp_filter": "1", "net.ipv4.conf.tun0.rp_filter": "0"},
-                            ["tun0"], [])[0].fix == "sysctl -w net.ipv4.conf.tun0.rp_filter=2"
-    assert sysctl_conflicts({"net.ipv4.conf.all.rp_filter": "1", "net.ipv4.conf.tun0.rp_filter": "2"},
-                            ["tun0"], []) == []
-    assert sysctl_conflicts({"net.ipv4.ip_forward": "0"}, [], [4])[0].rule == "net.ipv4.ip_forward=0"
 
 
 # ---- the accepts we keep ---------------------------------------------------------------------------

@@ -104,6 +104,16 @@ def test_each_path_exports_its_tunnel_and_counts() -> None:
     assert 'tagrouted_path_packets_total{direction="replies",path="server-b"}' not in m
 
 
+def test_policy_drops_are_exported_per_service() -> None:
+    services = [{"name": "web", "packets": 12, "bytes": 3456, "dropped": 7, "limited": 2},
+                {"name": "echo", "packets": 0, "bytes": 0, "dropped": None, "limited": None}]
+    m = scraped(status(services=services, forwards=[{"name": "openvpn", "dropped": 3, "limited": None}]))
+    assert m['tagrouted_service_dropped_packets_total{service="web"}'] == 7
+    assert m['tagrouted_service_limited_packets_total{service="web"}'] == 2
+    assert m['tagrouted_service_dropped_packets_total{service="openvpn"}'] == 3
+    assert 'tagrouted_service_dropped_packets_total{service="echo"}' not in m
+
+
 def test_a_scrape_reads_the_latest_published_snapshot() -> None:
     published = [status()]
     exporter = MetricsExporter(lambda: published[0])

@@ -79,11 +79,12 @@ def test_vpn_client_tags_marks_clears_and_admits() -> None:
     assert fwd[-1] == 'iifname "tun0" oifname "eth0" counter drop'
 
     assert any("@admit6 counter accept" in r for r in fwd)
-    assert t.set("admit4") is not None and [e.key for e in t.set("admit4").elements] == ["192.168.100.3 . tcp . 443"]
+    # the sources are part of the key (everyone: 0.0.0.0/0), then the home endpoint
+    assert [e.key for e in t.set("admit4").elements] == ["0.0.0.0/0 . 192.168.100.3 . tcp . 443"]
     assert t.counters == ("path_default_requests", "path_default_replies", "svc_web", "svc_web6")
     assert {c.name: (c.type, c.hook, c.priority) for c in t.chains} == {
         "prerouting": ("filter", "prerouting", -140), "postrouting": ("filter", "postrouting", -140),
-        "forward": ("filter", "forward", 0)}
+        "mss": ("filter", "forward", -140), "forward": ("filter", "forward", 0)}
 
 
 def test_service_host_restores_only_our_bits_and_stamps_dscp() -> None:
@@ -114,7 +115,7 @@ def test_gateway_maps_dnat_and_admits_in_sets() -> None:
         'iifname "eth0" counter dnat ip6 to ip6 daddr . meta l4proto . th dport map @dnat6']
     # 443 and 8443 -> .3:443 share one home endpoint: one admission, one counter element
     assert [e.key for e in t.set("gw_allow4").elements] == [
-        "192.168.100.3 . tcp . 443", "192.168.100.4 . udp . 27015-27020"]
+        "0.0.0.0/0 . 192.168.100.3 . tcp . 443", "0.0.0.0/0 . 192.168.100.4 . udp . 27015-27020"]
     assert [e.key for e in t.set("svc_counters4").elements] == [
         "192.168.100.3 . tcp . 443", "192.168.100.4 . udp . 27015-27020"]
     fwd = rules(t, "forward")

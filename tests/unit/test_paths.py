@@ -209,7 +209,7 @@ def test_vpn_client_plan_tags_each_tunnel_with_its_dscp(backend: str) -> None:
                      'iifname "eth0" ip6 dscp 43 meta mark set meta mark and 0xffffff00 or 0x2b '
                      'counter name "path_server-b_replies"',
                      'oifname "wg0" ip dscp set 0',
-                     'iifname "wg0" oifname "eth0" ip daddr . meta l4proto . th dport @admit4 counter accept',
+                     'iifname "wg0" oifname "eth0" ip saddr . ip daddr . meta l4proto . th dport @admit4 counter accept',
                      'iifname "wg0" oifname "eth0" counter drop'],
     }[backend]
     for line in expected:

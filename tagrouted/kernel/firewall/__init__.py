@@ -56,6 +56,11 @@ class FirewallBackend(Protocol):
         each path and what went back through it; None: not counted (yet)."""
         ...
 
+    def policy_counters(self, intent: FirewallIntent) -> dict[str, dict[str, tuple[int, int] | None]]:
+        """service name -> {"dropped": ..., "limited": ...}: (packets, bytes) its allow_from and
+        its rate_limit dropped, for the services that have one (None: not counted yet)."""
+        ...
+
     def holds_state(self) -> bool:
         """Whether anything of ours is in this backend's part of the kernel."""
         ...

@@ -42,6 +42,8 @@ Traps in python-iptables 1.2 / libxtables 1.8.9, and what this module does about
   ("already registered") if its init runs twice, and remembers a failed target look-up by name
   for both families (python-iptables #316, #325): _Registry loads each extension itself, a
   private memfd copy for the second family, and looks up only what it has seen registered.
+- An option of two words (`--tcp-flags SYN,RST SYN`, which TCPMSS needs so that SYN-ACKs are
+  clamped too) is parsed by libxt_tcp from argv[optind]: _extension passes both words.
 - Extension save() functions print to C stdout: glibc's `stdout` is pointed at an
   open_memstream buffer for a batch of decodes, so fd 1 and Python's output are untouched.
 """
@@ -70,7 +72,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ...core.diff import FAMILY_NAME, chain_changes
-from ...core.iptables_rules import CountedRule, counted_rules, legacy_chains, path_counted_rules
+from ...core.iptables_rules import (
+    CountedRule,
+    counted_rules,
+    legacy_chains,
+    path_counted_rules,
+    policy_rules,
+)
 from ...core.plan import jump_line
 from ...core.state import (
     BUILTIN_CHAINS,
@@ -102,6 +110,8 @@ _PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "ipv6-icmp", 47: "gre", 50: 
 _MFD_EXEC = 0x10       # memfd_create(2): the copy may be mapped executable (Linux >= 6.3)
 _XT_HEADER = 32        # struct xt_entry_match / xt_entry_target: u16 size, char name[29], u8 revision
 _NAME_LEN = 29
+# Options that take two words (iptables reads the second from argv[optind]).
+_TWO_WORD_OPTIONS = frozenset({"tcp-flags"})
 
 
 class IptablesError(Exception):
@@ -500,7 +510,8 @@ def _extension(fam: _Family, kind: str, name: str, options: tuple[tuple[str, str
             invert = value.startswith("!")
             if invert:
                 value = value[1:].strip()
-            argv = (ct.c_char_p * 2)(opt.encode(), value.encode())
+            words = value.split(" ", 1) if opt in _TWO_WORD_OPTIONS else [value]
+            argv = (ct.c_char_p * (1 + len(words)))(opt.encode(), *(w.encode() for w in words))
             try:
                 parse(argv, ct.c_int(invert), module, ct.pointer(entry), ptrptr, None, None)
             except Exception as e:
@@ -1204,6 +1215,14 @@ def read_path_counters(intent: FirewallIntent) -> dict[str, dict[str, tuple[int,
     return {path: {what: flat[(path, what)] for what in kinds} for path, kinds in wanted.items()}
 
 
+def read_policy_counters(intent: FirewallIntent) -> dict[str, dict[str, tuple[int, int] | None]]:
+    """service name -> {"dropped"|"limited": (packets, bytes) or None}, for the services with an
+    allow_from or rate_limit (core.iptables_rules.policy_rules)."""
+    wanted = policy_rules(intent)
+    flat = _summed({(name, kind): rules for name, kinds in wanted.items() for kind, rules in kinds.items()})
+    return {name: {kind: flat[(name, kind)] for kind in kinds} for name, kinds in wanted.items()}
+
+
 def _summed(wanted: dict[Any, tuple[CountedRule, ...]]) -> dict[Any, tuple[int, int] | None]:
     """Each key's rules' counters in the kernel now, summed; None when none of them is there."""
     by_table: dict[tuple[Family, str], set[str]] = {}
@@ -1419,6 +1438,9 @@ class LegacyBackend:
 
     def path_counters(self, intent: FirewallIntent) -> dict[str, dict[str, tuple[int, int] | None]]:
         return read_path_counters(intent)
+
+    def policy_counters(self, intent: FirewallIntent) -> dict[str, dict[str, tuple[int, int] | None]]:
+        return read_policy_counters(intent)
 
     def holds_state(self) -> bool:
         for family in (4, 6):

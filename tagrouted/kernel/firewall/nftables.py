@@ -49,6 +49,8 @@ from ...core.nft_rules import (
     TABLE_NAME,
     WHERE,
     counter_name,
+    dropped_counter,
+    limited_counter,
     nft_table,
     path_counter_name,
 )
@@ -128,6 +130,21 @@ def _types(value: Any) -> tuple[str, ...] | None:
     return (json.dumps(value, sort_keys=True),)  # unknown shape: compares as different
 
 
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _seconds(value: Any) -> int | None:
+    """A set's timeout: seconds as 1.0.6 prints them (a number), or "10m"/"1h30s" strings."""
+    if isinstance(value, str):
+        parts = re.findall(r"(\d+)(ms|d|h|m|s)", value)
+        if parts and "".join(n + u for n, u in parts) == value.replace(" ", ""):
+            scale = {"d": 86400, "h": 3600, "m": 60, "s": 1, "ms": 0}
+            return sum(int(n) * scale[u] for n, u in parts)
+        return None
+    return _int(value)
+
+
 def _element_comment(entry: Any) -> str | None:
     """The comment of one element as JSON lists it: a map's [key, value] or a set's key, either
     possibly wrapped as {"elem": {"val": ..., "comment": ...}}."""
@@ -160,7 +177,8 @@ def parse_table(doc: Any) -> KernelNft:
                 value = _types(v.get("map")) if kind == "map" else None
                 flags = tuple(str(f) for f in v.get("flags", ()) or ())
                 comments = tuple(_element_comment(e) for e in v.get("elem", ()) or ())
-                sets[str(v.get("name"))] = KernelSet(kind, key, value, flags, comments)
+                sets[str(v.get("name"))] = KernelSet(kind, key, value, flags, comments,
+                                                     _seconds(v.get("timeout")), _int(v.get("size")))
             elif kind == "chain":
                 chains[str(v.get("name"))] = {
                     "type": v.get("type"), "hook": v.get("hook"), "priority": _priority(v.get("prio")),
@@ -251,6 +269,12 @@ class NftablesBackend:
         return {path: {what: found.get(name) for what, name in kinds.items()}
                 for path, kinds in wanted.items()}
 
+    def policy_counters(self, intent: FirewallIntent) -> dict[str, dict[str, tuple[int, int] | None]]:
+        wanted = _policy_services(intent)
+        found = self._named_counters() if wanted else {}
+        names = {"dropped": dropped_counter, "limited": limited_counter}
+        return {svc: {kind: found.get(names[kind](svc)) for kind in kinds} for svc, kinds in wanted.items()}
+
     def _named_counters(self) -> dict[str, tuple[int, int]]:
         """Every named counter of our table: name -> (packets, bytes); empty when unreadable."""
         rc, out, _ = self._cmd(f"list counters table {WHERE}")
@@ -265,6 +289,20 @@ class NftablesBackend:
 
     def holds_state(self) -> bool:
         return self.read().exists
+
+
+def _policy_services(intent: FirewallIntent) -> dict[str, list[str]]:
+    """service -> which of its policy counters exist: "dropped" (allow_from, at the gateway and
+    the VPN client) and "limited" (rate_limit, at the gateway)."""
+    kinds: dict[str, dict[str, None]] = {}
+    exposed = [*(e for gw in intent.gateways for e in gw.exposed),
+               *(e for a in intent.admissions for e in a.exposed)]
+    for e in exposed:
+        if e.restricted:
+            kinds.setdefault(e.name, {})["dropped"] = None
+        if e.rate_limit is not None:
+            kinds.setdefault(e.name, {})["limited"] = None
+    return {name: list(k) for name, k in kinds.items()}
 
 
 def _counted_services(intent: FirewallIntent) -> list[str]:
