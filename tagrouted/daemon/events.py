@@ -42,7 +42,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,15 +116,21 @@ def _attr(data: bytes, start: int, end: int, wanted: int) -> bytes | None:
     return None
 
 
-def parse_events(data: bytes) -> list[NlEvent]:
-    """Classify every message of one netlink datagram; unknown types are skipped."""
-    out: list[NlEvent] = []
+def _messages(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(type, start of body, end) of each whole netlink message of one datagram."""
     off = 0
     while off + _NLMSGHDR.size <= len(data):
         length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, off)
         if length < _NLMSGHDR.size or off + length > len(data):
-            break
-        body, end = off + _NLMSGHDR.size, off + length
+            return
+        yield mtype, off + _NLMSGHDR.size, off + length
+        off += (length + 3) & ~3
+
+
+def parse_events(data: bytes) -> list[NlEvent]:
+    """Classify every message of one netlink datagram; unknown types are skipped."""
+    out: list[NlEvent] = []
+    for mtype, body, end in _messages(data):
         kind = _KINDS.get(mtype)
         if kind is not None:
             name, new = kind
@@ -142,7 +148,6 @@ def parse_events(data: bytes) -> list[NlEvent]:
                 raw = _attr(data, body + _RTMSG.size, end, RTA_TABLE if name == "route" else FRA_TABLE)
                 table = struct.unpack("=I", raw[:4])[0] if raw and len(raw) >= 4 else table8
                 out.append(NlEvent(name, new, table=table, proto=proto if name == "route" else None))
-        off += (length + 3) & ~3
     return out
 
 
@@ -162,12 +167,7 @@ class NftBatches:
 
     def __call__(self, data: bytes) -> list[NftBatch]:
         out: list[NftBatch] = []
-        off = 0
-        while off + _NLMSGHDR.size <= len(data):
-            length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, off)
-            if length < _NLMSGHDR.size or off + length > len(data):
-                break
-            body, end = off + _NLMSGHDR.size, off + length
+        for mtype, body, end in _messages(data):
             if mtype >> 8 == NFNL_SUBSYS_NFTABLES and body + 4 <= end:
                 family = data[body]
                 attrs = body + 4  # struct nfgenmsg: family, version, res_id
@@ -180,7 +180,6 @@ class NftBatches:
                     raw = _attr(data, attrs, end, 1)  # NFTA_{TABLE_NAME,CHAIN,RULE,SET,...}_TABLE
                     if raw:
                         self._tables.add((family, raw.split(b"\0", 1)[0].decode(errors="replace")))
-            off += (length + 3) & ~3
         return out
 
 

@@ -221,6 +221,7 @@ class _Snapshot:
     policy_counters: dict[str, dict[str, tuple[int, int] | None]] = field(default_factory=dict)
     # the host firewall's conflicts with our traffic, as last judged: key -> Conflict
     conflicts: dict[str, Conflict] = field(default_factory=dict)
+    counters_time: float | None = None  # when the counters above were read from the kernel
 
 
 def tunnel_interface(config: Config) -> str | None:
@@ -957,6 +958,7 @@ class Daemon:
             return
         with self._lock:
             self.snap.counters, self.snap.path_counters, self.snap.policy_counters = counters, paths, policy
+            self.snap.counters_time = time.time()
 
     def _refresh_counters(self, converger: Converger) -> None:
         """A timer pass that reads no firewall (nf_tables events keep it): the counters only,
@@ -1162,6 +1164,7 @@ class Daemon:
             "last_error": s.last_error,
             "config_errors": list(self._config_errors),
             "services": services,
+            "counters_time": s.counters_time,  # the kernel's counters as of this time
             # one entry per path (issue 14): its tag, its tunnel here and whether it is up, and
             # its counters (requests tagged on the way in, replies sent back through it)
             "paths": paths,

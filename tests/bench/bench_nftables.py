@@ -404,6 +404,8 @@ def main() -> int:
     ap.add_argument("--idle", type=float, default=60)
     ap.add_argument("--packets", type=int, default=60000)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--parts", default="scale,repair,idle,packets",
+                    help="which of scale, repair, idle, packets to run")
     args = ap.parse_args()
     if args.quick:
         args.trials, args.repairs, args.idle, args.packets = 2, 20, 10, 20000
@@ -413,11 +415,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tgr-bench-nft-") as tmpdir:
         tmp = Path(tmpdir)
         try:
-            report_scale([scale(n, args.trials, 10, tmp) for n in sizes])
-            report_repairs(repair_bench(args.repairs, tmp))
-            report_idle(idle_bench(args.idle, tmp), args.idle)
-            n = max(sizes)
-            report_packets(packet_bench(n, args.packets, args.trials, tmp), n, args.packets)
+            parts = set(args.parts.split(","))
+            if "scale" in parts:
+                report_scale([scale(n, args.trials, 10, tmp) for n in sizes])
+            if "repair" in parts:
+                report_repairs(repair_bench(args.repairs, tmp))
+            if "idle" in parts:
+                report_idle(idle_bench(args.idle, tmp), args.idle)
+            if "packets" in parts:
+                n = max(sizes)
+                report_packets(packet_bench(n, args.packets, args.trials, tmp), n, args.packets)
         finally:
             B.sweep_run_prefix()
     return 0

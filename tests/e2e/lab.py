@@ -749,15 +749,14 @@ disable-dco
         return json.loads(res.stdout) if res.returncode == 0 else None
 
     def fresh_status(self, host: str, timeout: float = 15) -> dict[str, Any]:
-        """The daemon's status once a timer pass that started after this call has published it
-        (the daemon reads its counters on timer passes)."""
-        first = self.status(host)
-        assert first is not None, f"no daemon answers on {host}"
+        """The daemon's status once it holds counters read after this call (the daemon reads
+        them on its timer and firewall passes; `counters_time` says when)."""
+        asked = time.time()
+        assert self.status(host) is not None, f"no daemon answers on {host}"
 
         def fresh() -> dict[str, Any] | None:
             status = self.status(host)
-            last = (status or {}).get("last_converge") or {}
-            if status is None or status["passes"] <= first["passes"] or "timer" not in last.get("trigger", ""):
+            if status is None or (status.get("counters_time") or 0) <= asked:
                 return None
             return status
         return wait_for(fresh, timeout=timeout, interval=0.1, what=f"a timer pass on {host}")

@@ -285,10 +285,10 @@ def _converge_with_facts_read_before_tun0_went(config_path: str, run_dir: str) -
     read_facts = converger.netlink.host_facts
     calls = 0
 
-    def facts_then_tun0_goes():  # type: ignore[no-untyped-def]
+    def facts_then_tun0_goes(**kwargs):  # type: ignore[no-untyped-def]
         nonlocal calls
         calls += 1
-        facts = read_facts()
+        facts = read_facts(**kwargs)
         if calls == 1:
             subprocess.run(["ip", "link", "del", "tun0"], check=True)
         return facts
