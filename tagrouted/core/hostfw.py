@@ -1142,24 +1142,28 @@ def hostfw_rules(intent: FirewallIntent) -> dict[Family, tuple[FirewallRule, ...
     for gw in intent.gateways:
         for e in gw.exposed:
             port = _ports(e.home_port).replace("-", ":")
-            rule = FirewallRule(matches=(Match("conntrack", (
-                ("ctstate", "DNAT"), ("ctproto", e.proto), ("ctreplsrc", f"{e.address}/{host[e.family]}"),
-                ("ctreplsrcport", port))),))
-            out[gw.family].setdefault(_comment(e.name, rule), None)
+            for src in e.allow_from or (None,):  # the service's allow_from: one accept per prefix
+                origin = (("ctorigsrc", src),) if src else ()
+                rule = FirewallRule(matches=(Match("conntrack", (
+                    ("ctstate", "DNAT"), ("ctproto", e.proto), *origin,
+                    ("ctreplsrc", f"{e.address}/{host[e.family]}"), ("ctreplsrcport", port))),))
+                out[gw.family].setdefault(_comment(e.name, rule), None)
     for p in intent.passages:
         rule = FirewallRule(in_interface=p.in_interface, out_interface=p.out_interface)
         out[p.family].setdefault(_comment("vpn-server", rule), None)
     for a in intent.admissions:
         for e in a.exposed:
             port = _ports(e.home_port).replace("-", ":")
-            fwd = FirewallRule(in_interface=a.tunnel, out_interface=a.lan, protocol=e.proto,
-                               destination=f"{e.address}/{host[e.family]}",
-                               matches=(Match(e.proto, (("dport", port),)),))
-            back = FirewallRule(in_interface=a.lan, out_interface=a.tunnel, matches=(Match("conntrack", (
-                ("ctstate", "RELATED,ESTABLISHED"), ("ctproto", e.proto),
-                ("ctorigdst", f"{e.address}/{host[e.family]}"), ("ctorigdstport", port))),))
-            out[a.family].setdefault(_comment(e.name, fwd), None)
-            out[a.family].setdefault(_comment(e.name, back), None)
+            for src in e.allow_from or (None,):
+                origin = (("ctorigsrc", src),) if src else ()
+                fwd = FirewallRule(in_interface=a.tunnel, out_interface=a.lan, protocol=e.proto, source=src,
+                                   destination=f"{e.address}/{host[e.family]}",
+                                   matches=(Match(e.proto, (("dport", port),)),))
+                back = FirewallRule(in_interface=a.lan, out_interface=a.tunnel, matches=(Match("conntrack", (
+                    ("ctstate", "RELATED,ESTABLISHED"), ("ctproto", e.proto), *origin,
+                    ("ctorigdst", f"{e.address}/{host[e.family]}"), ("ctorigdstport", port))),))
+                out[a.family].setdefault(_comment(e.name, fwd), None)
+                out[a.family].setdefault(_comment(e.name, back), None)
     return {f: tuple(rules) for f, rules in out.items() if rules}
 
 

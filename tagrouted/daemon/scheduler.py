@@ -707,10 +707,12 @@ class Daemon:
             self.routing.trigger.poke("reload", ROUTING_PARTS, waiter=handoff)
             parts |= FIREWALL_PARTS
         own = parts & FIREWALL_PARTS
+        if "timer" in causes and FIREWALL not in own:
+            # no firewall read (nf_tables events), yet the counters move: read them before the
+            # pass (a host-firewall pass where legacy tables exist) publishes its status
+            self._refresh_counters(converger)
         result = self._lane_pass(self.reconcile, converger, work, own, reloaded=outcome == "applied",
                                  answer=False) if own else None
-        if result is None and "timer" in causes:
-            self._refresh_counters(converger)  # no firewall read (nf_tables events), counters move
         if handoff is None:
             if outcome == "unchanged" and not own and self.snap.ready and explicit:
                 with self._lock:

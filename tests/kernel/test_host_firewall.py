@@ -149,6 +149,22 @@ def test_forward_drop_gets_our_accepts_and_down_takes_them(make: object, backend
         re.sub(r"^#.*\n", "", full_before, flags=re.M)
 
 
+@pytest.mark.parametrize("variant", ["nft", "legacy"])
+def test_allow_from_narrows_the_accepts(make: object, backend: str, variant: str) -> None:
+    if variant == "legacy" and backend == "iptables-legacy":
+        pytest.skip("the legacy backend's own chain is first in legacy FORWARD: no accepts of ours there")
+    h = make("gateway", backend)  # type: ignore[operator]
+    h.config.write_text(h.config.read_text().replace(
+        "address: 192.168.100.3}", "address: 192.168.100.3, allow_from: [198.51.100.0/24, 203.0.113.0/25]}", 1))
+    h.sh(f"iptables-{variant} -P FORWARD DROP")
+    code, _, err = h.ctl("apply")
+    assert code == 0, err
+    lines = [x for x in h.hostfw().splitlines() if "192.168.100.3" in x and "--ctreplsrcport 443" in x]
+    assert len(lines) == 2, h.hostfw()
+    assert "--ctorigsrc 198.51.100.0/24" in lines[0] and "--ctorigsrc 203.0.113.0/25" in lines[1], lines
+    assert h.ctl("diff")[:2] == (0, "")
+
+
 def test_ufw_style_chains_get_one_jump_first_in_forward(make: object, backend: str) -> None:
     h = make("vpn-client", backend)  # type: ignore[operator]
     h.sh(*UFW)

@@ -4,6 +4,8 @@ conflicts out; and the accepts we keep in the host's FORWARD chains."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
@@ -289,6 +291,18 @@ def test_accepts_match_exactly_our_traffic() -> None:
     assert "--ctorigdst 192.168.100.3/32 --ctorigdstport 443" in vc[1].save_args()
     assert hostfw_rules(SERVICE) == {}
     assert all(" " not in rule_comment(r) for rules in hostfw_rules(GATEWAY).values() for r in rules)
+
+
+def test_allow_from_narrows_our_accepts_to_its_prefixes() -> None:
+    config = load_config(str(EXAMPLES / "remote-server.yaml"))
+    web = config.services[0]
+    limited = replace(config, services=(replace(web, allow_from=(ip_network("198.51.100.0/24"),
+                                                                 ip_network("203.0.113.0/25"))),))
+    intent = desired_state(limited, assumed_facts(limited)).firewall
+    rules = [r.save_args() for r in hostfw_rules(intent)[4] if "192.168.100.3" in r.save_args()]
+    assert len(rules) == 2
+    assert "--ctorigsrc 198.51.100.0/24 --ctreplsrc 192.168.100.3/32" in rules[0]
+    assert "--ctorigsrc 203.0.113.0/25" in rules[1]
 
 
 SAVED = """*filter
