@@ -132,6 +132,30 @@ def _u32(kind: int, value: int) -> bytes:
     return _nla(kind, struct.pack("=I", value))
 
 
+NETLINK_NETFILTER = 12
+NFT_MSG_GETTABLE = (10 << 8) | 1  # NFNL_SUBSYS_NFTABLES
+NFT_FAMILIES = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
+
+
+def nft_table_names() -> list[tuple[str, str]]:
+    """(family, name) of every nf_tables table in this namespace, by one netlink dump: under a
+    millisecond, where libnftables' `list tables` fetches the whole ruleset (~10 ms at 3000
+    rules). NetlinkError/OSError when nf_tables is not there."""
+    nl = _Rtnl(NETLINK_NETFILTER)
+    try:
+        parts = nl.dump(NFT_MSG_GETTABLE, struct.pack("=BBH", 0, 0, 0))  # nfgenmsg: every family
+    finally:
+        nl.close()
+    out = []
+    for data, off, length in parts:
+        body = off + _NLMSGHDR.size
+        for kind, start, end in _attrs(data, body + 4, off + length):
+            if kind == 1:  # NFTA_TABLE_NAME
+                family = NFT_FAMILIES.get(data[body], str(data[body]))
+                out.append((family, data[start:end].rstrip(b"\0").decode()))
+    return out
+
+
 def _attrs(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
     """(type, payload start, payload end) of each attribute in data[start:end]."""
     off = start
@@ -144,10 +168,11 @@ def _attrs(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
 
 
 class _Rtnl:
-    """A plain NETLINK_ROUTE socket: each request is sent and answered in the caller's thread."""
+    """A plain netlink socket (NETLINK_ROUTE unless told): each request is sent and answered in
+    the caller's thread."""
 
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+    def __init__(self, protocol: int = NETLINK_ROUTE) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
         try:
             self.sock.bind((0, 0))
             self.sock.settimeout(REQUEST_TIMEOUT)

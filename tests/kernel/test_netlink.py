@@ -301,3 +301,16 @@ def test_host_facts_link_without_ipv6(netns: Callable[[str], Netns]) -> None:
     facts = in_ns(ns, lambda nl: nl.host_facts())
     vb = facts.link("vb")
     assert vb is not None and vb.up and vb.accept_ra is None
+
+
+def test_nft_table_names_are_the_tables_nft_lists(netns: Callable[[str], Netns]) -> None:
+    from tagrouted.kernel.netlink import nft_table_names
+
+    ns = netns("nftn")
+    assert ns.call(nft_table_names) == []
+    for family, name in (("inet", "tagrouted"), ("ip", "filter"), ("ip6", "nat"), ("bridge", "b"),
+                         ("netdev", "n"), ("arp", "a"), ("inet", "x" * 200)):
+        ns.run(f"nft add table {family} {name}")
+    listed = json.loads(ns.out("nft -j list tables"))["nftables"]
+    want = sorted((t["table"]["family"], t["table"]["name"]) for t in listed if "table" in t)
+    assert sorted(ns.call(nft_table_names)) == want and len(want) == 7
