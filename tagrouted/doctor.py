@@ -250,7 +250,7 @@ class Doctor:
         else:
             self.add("firewall", "ok", f"{where} present and as configured ({choice.backend})")
         try:
-            counters = backend.counters(intent)
+            counters = backend.counters(intent).services
         except Exception:
             counters = {}
         counted = {k: v for k, v in counters.items() if v is not None}

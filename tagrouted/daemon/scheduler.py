@@ -951,15 +951,13 @@ class Daemon:
     def _read_counters(self, converger: Converger, backend: str, desired: DesiredState) -> None:
         """(the reconcile lane) The kernel's per-service, per-path and policy counters."""
         try:
-            fw = converger.backend(backend)
-            counters = fw.counters(desired.firewall)
-            paths = fw.path_counters(desired.firewall)
-            policy = fw.policy_counters(desired.firewall)
+            counted = converger.backend(backend).counters(desired.firewall)
         except Exception as e:  # counters are informative: never fail a pass over them
             log.debug("reading counters failed: %s", e)
             return
         with self._lock:
-            self.snap.counters, self.snap.path_counters, self.snap.policy_counters = counters, paths, policy
+            self.snap.counters, self.snap.path_counters = counted.services, counted.paths
+            self.snap.policy_counters = counted.policy
             self.snap.counters_time = time.time()
 
     def _refresh_counters(self, converger: Converger) -> None:

@@ -35,6 +35,22 @@ class FirewallSync:
     errors: list[str] = field(default_factory=list)  # what failed; the changes above did happen
 
 
+Count = tuple[int, int]  # (packets, bytes)
+
+
+@dataclass(frozen=True)
+class Counters:
+    """services: service name -> its DNAT's count (None: not counted);
+    paths: path name -> {"requests": ..., "replies": ...}: what arrived tagged through each path
+    and what went back through it (None: not counted yet);
+    policy: service name -> {"dropped": ..., "limited": ...}: what its allow_from and its
+    rate_limit dropped, for the services that have one (None: not counted yet)."""
+
+    services: dict[str, Count | None] = field(default_factory=dict)
+    paths: dict[str, dict[str, Count | None]] = field(default_factory=dict)
+    policy: dict[str, dict[str, Count | None]] = field(default_factory=dict)
+
+
 class FirewallBackend(Protocol):
     name: str
 
@@ -47,18 +63,8 @@ class FirewallBackend(Protocol):
         """`tagroutectl diff` lines: + what the kernel lacks, - what it has in excess."""
         ...
 
-    def counters(self, intent: FirewallIntent) -> dict[str, tuple[int, int] | None]:
-        """service name -> (packets, bytes) from the kernel's counters; None: not counted."""
-        ...
-
-    def path_counters(self, intent: FirewallIntent) -> dict[str, dict[str, tuple[int, int] | None]]:
-        """path name -> {"requests": (packets, bytes), "replies": ...}: what arrived tagged through
-        each path and what went back through it; None: not counted (yet)."""
-        ...
-
-    def policy_counters(self, intent: FirewallIntent) -> dict[str, dict[str, tuple[int, int] | None]]:
-        """service name -> {"dropped": ..., "limited": ...}: (packets, bytes) its allow_from and
-        its rate_limit dropped, for the services that have one (None: not counted yet)."""
+    def counters(self, intent: FirewallIntent) -> Counters:
+        """The kernel's counters of our rules, read at once (one read of the table on nftables)."""
         ...
 
     def holds_state(self) -> bool:

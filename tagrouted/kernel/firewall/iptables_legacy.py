@@ -94,7 +94,7 @@ from ...core.state import (
     OwnedChain,
     owned_chain_name,
 )
-from . import IPTABLES_LEGACY, FirewallSync
+from . import IPTABLES_LEGACY, Counters, FirewallSync
 
 log = logging.getLogger("tagrouted.iptables")
 
@@ -1433,14 +1433,8 @@ class LegacyBackend:
         return [line for family, table, chains in self._tables(intent)
                 for line in chain_drift_lines(family, table, chains)]
 
-    def counters(self, intent: FirewallIntent) -> dict[str, tuple[int, int] | None]:
-        return read_counters(intent)
-
-    def path_counters(self, intent: FirewallIntent) -> dict[str, dict[str, tuple[int, int] | None]]:
-        return read_path_counters(intent)
-
-    def policy_counters(self, intent: FirewallIntent) -> dict[str, dict[str, tuple[int, int] | None]]:
-        return read_policy_counters(intent)
+    def counters(self, intent: FirewallIntent) -> Counters:
+        return Counters(read_counters(intent), read_path_counters(intent), read_policy_counters(intent))
 
     def holds_state(self) -> bool:
         for family in (4, 6):

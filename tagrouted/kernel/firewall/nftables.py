@@ -55,7 +55,7 @@ from ...core.nft_rules import (
     path_counter_name,
 )
 from ...core.state import FirewallIntent
-from . import NFTABLES, BackendUnavailable, FirewallSync
+from . import NFTABLES, BackendUnavailable, Counters, FirewallSync
 
 log = logging.getLogger("tagrouted.nftables")
 
@@ -257,23 +257,17 @@ class NftablesBackend:
     def drift_lines(self, intent: FirewallIntent) -> list[str]:
         return drift_lines(nft_table(intent), self.read())
 
-    def counters(self, intent: FirewallIntent) -> dict[str, tuple[int, int] | None]:
-        wanted = {name: counter_name(name) for name in _counted_services(intent)}
-        found = self._named_counters() if wanted else {}
-        return {svc: found.get(counter) for svc, counter in wanted.items()}
-
-    def path_counters(self, intent: FirewallIntent) -> dict[str, dict[str, tuple[int, int] | None]]:
-        wanted = {path: {what: path_counter_name(path, what) for what in PATH_COUNTS}
-                  for path in _counted_paths(intent)}
-        found = self._named_counters() if wanted else {}
-        return {path: {what: found.get(name) for what, name in kinds.items()}
-                for path, kinds in wanted.items()}
-
-    def policy_counters(self, intent: FirewallIntent) -> dict[str, dict[str, tuple[int, int] | None]]:
-        wanted = _policy_services(intent)
-        found = self._named_counters() if wanted else {}
+    def counters(self, intent: FirewallIntent) -> Counters:
+        services = {name: counter_name(name) for name in _counted_services(intent)}
+        paths = {path: {what: path_counter_name(path, what) for what in PATH_COUNTS}
+                 for path in _counted_paths(intent)}
+        policy = _policy_services(intent)
+        found = self._named_counters() if services or paths or policy else {}
         names = {"dropped": dropped_counter, "limited": limited_counter}
-        return {svc: {kind: found.get(names[kind](svc)) for kind in kinds} for svc, kinds in wanted.items()}
+        return Counters(
+            {svc: found.get(counter) for svc, counter in services.items()},
+            {path: {what: found.get(name) for what, name in kinds.items()} for path, kinds in paths.items()},
+            {svc: {kind: found.get(names[kind](svc)) for kind in kinds} for svc, kinds in policy.items()})
 
     def _named_counters(self) -> dict[str, tuple[int, int]]:
         """Every named counter of our table: name -> (packets, bytes); empty when unreadable."""
